@@ -1,0 +1,298 @@
+"""The OpenAPI document of the API contract, written out rather than inferred from handlers, so
+that its schemas say exactly what the responses hold (schemathesis checks them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json("Error", description)
+
+
+_IMAGE_ID = {
+    "name": "image_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "the id the upload answered with",
+}
+
+_NULLABLE_STRING = {"type": "string", "nullable": True}
+
+_JOB = {
+    "type": "object",
+    "required": ["state", "attempts"],
+    "properties": {
+        "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "skipped"]},
+        "attempts": {"type": "integer", "minimum": 0},
+        "error": _NULLABLE_STRING,
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Metadata": {
+        "type": "object",
+        "description": "empty for a failed upload",
+        "properties": {
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "format": {"type": "string", "enum": ["jpeg", "png"]},
+            "size_bytes": {"type": "integer"},
+            "sha256": {"type": "string"},
+            "first_upload": {"type": "string"},
+            "exif": {"type": "object", "nullable": True, "additionalProperties": True},
+            "caption": _NULLABLE_STRING,
+        },
+    },
+    "Thumbnails": {
+        "type": "object",
+        "description": "absolute URLs; empty for a failed upload",
+        "properties": {"small": {"type": "string"}, "medium": {"type": "string"}},
+    },
+    "Jobs": {
+        "type": "object",
+        "description": "state of each background job; empty for a failed upload",
+        "properties": {"thumbnail": _JOB, "exif": _JOB, "caption": _JOB},
+    },
+    "RecordData": {
+        "type": "object",
+        "required": ["image_id", "original_name", "processed_at", "metadata", "thumbnails"],
+        "properties": {
+            "image_id": {"type": "string"},
+            "original_name": {"type": "string"},
+            "processed_at": {"type": "string", "description": "RFC 3339, UTC"},
+            "metadata": {"$ref": "#/components/schemas/Metadata"},
+            "thumbnails": {"$ref": "#/components/schemas/Thumbnails"},
+            "jobs": {"$ref": "#/components/schemas/Jobs"},
+        },
+    },
+    "Record": {
+        "type": "object",
+        "required": ["status", "data", "thumbnails", "error"],
+        "properties": {
+            "status": {"type": "string", "enum": ["success", "failed"]},
+            "data": {"$ref": "#/components/schemas/RecordData"},
+            "thumbnails": {"$ref": "#/components/schemas/Thumbnails"},
+            "error": _NULLABLE_STRING,
+        },
+    },
+    "Error": {
+        "type": "object",
+        "description": "the one error shape; `data` holds the recorded upload for upload errors",
+        "required": ["status", "data", "error"],
+        "properties": {
+            "status": {"type": "string", "enum": ["failed"]},
+            "data": {
+                "nullable": True,
+                "allOf": [{"$ref": "#/components/schemas/RecordData"}],
+            },
+            "error": {"type": "string"},
+        },
+    },
+    "Stats": {
+        "type": "object",
+        "required": ["total", "failed", "success_rate", "average_processing_time_seconds"],
+        "properties": {
+            "total": {"type": "integer"},
+            "failed": {"type": "integer"},
+            "success_rate": {"type": "string", "example": "75.00%"},
+            "average_processing_time_seconds": {
+                "type": "number",
+                "description": "upload start to its last job's end, over finished uploads",
+            },
+            "processing": {"type": "integer", "description": "uploads with jobs still open"},
+            "queued_jobs": {"type": "integer"},
+            "failed_jobs": {"type": "integer"},
+            "jobs": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "database"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "database": {"type": "string"},
+            "redis": {"type": "string"},
+        },
+    },
+}
+
+_NOT_FOUND = _error("no image with this id")
+
+PATHS: dict[str, Any] = {
+    "/api/images": {
+        "post": {
+            "operationId": "upload",
+            "summary": "Upload an image (JPEG or PNG); failures are recorded too",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "201": {
+                    **_json(
+                        "Record", "stored; thumbnails, EXIF and caption follow in the background"
+                    ),
+                    "headers": {"Location": {"schema": {"type": "string"}}},
+                },
+                "400": _error("not a valid image, or a malformed form"),
+                "413": _error("file or pixel count over the limit"),
+                "415": _error("file type or content type not allowed"),
+            },
+        },
+        "get": {
+            "operationId": "list_images",
+            "summary": "Uploads, newest first; the next page is in the Link header",
+            "parameters": [
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                },
+                {
+                    "name": "cursor",
+                    "in": "query",
+                    "schema": {"type": "string"},
+                    "description": "from the previous page's Link header",
+                },
+                {
+                    "name": "status",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": ["success", "failed"]},
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "a page of records",
+                    "headers": {
+                        "Link": {
+                            "schema": {"type": "string"},
+                            "description": '<url>; rel="next" when more remain',
+                        }
+                    },
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Record"},
+                            }
+                        }
+                    },
+                },
+                "400": _error("bad limit, status or cursor"),
+            },
+        },
+    },
+    "/api/images/{image_id}": {
+        "parameters": [_IMAGE_ID],
+        "get": {
+            "operationId": "get_image",
+            "summary": "One upload's record",
+            "responses": {"200": _json("Record", "the record"), "404": _NOT_FOUND},
+        },
+        "delete": {
+            "operationId": "delete_image",
+            "summary": "Remove an upload; thumbnails and metadata go with the last copy",
+            "responses": {"204": {"description": "removed"}, "404": _NOT_FOUND},
+        },
+    },
+    "/api/images/{image_id}/thumbnails/{size}": {
+        "parameters": [
+            _IMAGE_ID,
+            {
+                "name": "size",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "enum": ["small", "medium"]},
+            },
+        ],
+        "get": {
+            "operationId": "get_thumbnail",
+            "summary": "A JPEG thumbnail (small fits 256, medium fits 768), made on demand",
+            "responses": {
+                "200": {
+                    "description": "the thumbnail",
+                    "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                },
+                "304": {"description": "not modified (If-None-Match)"},
+                "400": _error("unknown size"),
+                "404": _error("unknown image, or an upload that failed"),
+                "422": _error("the stored original cannot be decoded"),
+            },
+        },
+    },
+    "/api/images/{image_id}/original": {
+        "parameters": [_IMAGE_ID],
+        "get": {
+            "operationId": "get_original",
+            "summary": "The stored bytes as uploaded",
+            "responses": {
+                "200": {
+                    "description": "the original",
+                    "content": {
+                        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "404": _error("unknown image, or an upload that failed"),
+            },
+        },
+    },
+    "/api/stats": {
+        "get": {
+            "operationId": "stats",
+            "summary": "Upload and job counts, success rate, average processing time",
+            "responses": {"200": _json("Stats", "the summary")},
+        },
+    },
+    "/healthz": {
+        "get": {
+            "operationId": "healthz",
+            "summary": "Database and (when configured) Redis reachability",
+            "responses": {
+                "200": _json("Health", "healthy"),
+                "503": _json("Health", "a dependency is unreachable"),
+            },
+        },
+    },
+}
+
+
+def _inline_path_parameters(paths: dict[str, Any]) -> dict[str, Any]:
+    """sanic-ext takes operations only: path-level parameters are copied into each operation."""
+    out: dict[str, Any] = {}
+    for path, item in paths.items():
+        shared = item.get("parameters", [])
+        out[path] = {
+            method: {**op, "parameters": [*shared, *op.get("parameters", [])]}
+            for method, op in item.items()
+            if method != "parameters"
+        }
+    return out
+
+
+SPEC: dict[str, Any] = {
+    "info": {
+        "title": "imgapi",
+        "version": "0.1.0",
+        "description": "Image upload and processing: thumbnails, EXIF and captions.",
+    },
+    "paths": _inline_path_parameters(PATHS),
+    "components": {"schemas": SCHEMAS},
+}

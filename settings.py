@@ -1,0 +1,233 @@
+"""Every setting of imgapi, declared once: name, default, type and one line of help.
+
+Values come from the environment, then from a `.env` file, then from the defaults. `load()` checks
+them all and raises SettingsError with a one-line message naming the first bad one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw.replace("_", ""))
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw.replace("_", ""))
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+    return value
+
+
+def _public_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https:// (or be empty)")
+    return value
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+# (name, default, parser, help). The README's settings table is checked against this list.
+SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("DB_PATH", "./data/imgapi.db", _text, "SQLite database file (its folder is created)"),
+    ("MEDIA_DIR", "./media", _text, "folder for originals/, thumbnails/ and upload temp files"),
+    (
+        "REDIS_URL",
+        "",
+        _redis_url,
+        "Redis for arq jobs; empty runs jobs in-process, no Redis needed",
+    ),
+    (
+        "WORKER",
+        "inline",
+        _choice("inline", "off"),
+        "inline: this process runs jobs (an arq worker when REDIS_URL is set); off: only enqueue",
+    ),
+    ("JOB_CONCURRENCY", "4", _positive_int, "jobs one process runs at the same time"),
+    ("JOB_MAX_ATTEMPTS", "3", _positive_int, "tries of a failing job before it is marked failed"),
+    (
+        "JOB_LEASE_SECONDS",
+        "30",
+        _positive_float,
+        "a running job whose runner has not renewed its lease this long is handed out again",
+    ),
+    (
+        "SWEEP_SECONDS",
+        "2",
+        _positive_float,
+        "how often queued and stale jobs are looked for and handed out again",
+    ),
+    ("ARQ_QUEUE", "imgapi:queue", _text, "arq queue name (Redis key) shared by API and workers"),
+    ("ARQ_POLL_SECONDS", "0.05", _positive_float, "how often an idle arq worker polls Redis"),
+    (
+        "MAX_UPLOAD_BYTES",
+        "50000000",
+        _positive_int,
+        "largest accepted file, checked as bytes arrive",
+    ),
+    (
+        "MAX_PIXELS",
+        "50000000",
+        _positive_int,
+        "largest accepted width x height, checked from the header before decoding",
+    ),
+    (
+        "PUBLIC_URL",
+        "",
+        _public_url,
+        "base of the absolute URLs in responses (default: from the request's Host header)",
+    ),
+    ("REQUEST_TIMEOUT", "60", _positive_float, "seconds a client may take to send a request"),
+    (
+        "CAPTION_MODEL",
+        "Salesforce/blip-image-captioning-base",
+        _text,
+        "BLIP hub id (downloaded first), a local model folder, or none: captions off",
+    ),
+    (
+        "CAPTION_DEVICE",
+        "auto",
+        _choice("auto", "cpu", "cuda"),
+        "auto: CUDA with fp16 when present, else CPU",
+    ),
+    ("CAPTION_BATCH", "8", _positive_int, "most images captioned in one generate call"),
+    ("CAPTION_MAX_WAIT_MS", "50", _positive_float, "longest wait for a caption batch to fill"),
+    ("CAPTION_THREADS", "0", _non_negative_int, "torch CPU threads for captions (0: all cores)"),
+    (
+        "CAPTION_RETRY_SECONDS",
+        "60",
+        _positive_float,
+        "after a failed model load, caption jobs fail at once for this long before a new try",
+    ),
+    ("HF_TOKEN", "", _text, "Hugging Face token used by `python -m models download`"),
+    ("LOG_LEVEL", "INFO", _choice("debug", "info", "warning", "error"), "log level"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_path: str
+    media_dir: str
+    redis_url: str
+    worker: str
+    job_concurrency: int
+    job_max_attempts: int
+    job_lease_seconds: float
+    sweep_seconds: float
+    arq_queue: str
+    arq_poll_seconds: float
+    max_upload_bytes: int
+    max_pixels: int
+    public_url: str
+    request_timeout: float
+    caption_model: str
+    caption_device: str
+    caption_batch: int
+    caption_max_wait_ms: float
+    caption_threads: int
+    caption_retry_seconds: float
+    hf_token: str
+    log_level: str
+
+    @property
+    def originals_dir(self) -> Path:
+        return Path(self.media_dir) / "originals"
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return Path(self.media_dir) / "thumbnails"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return Path(self.media_dir) / "tmp"
+
+    @property
+    def captions_enabled(self) -> bool:
+        return self.caption_model.lower() != "none"
+
+    def replace(self, **changes: Any) -> Settings:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+def read_dotenv(path: str | os.PathLike[str]) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments skipped; one pair of quotes stripped."""
+    values: dict[str, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def load(
+    env: Mapping[str, str] | None = None,
+    dotenv: str | os.PathLike[str] | None = ".env",
+    **overrides: Any,
+) -> Settings:
+    """Settings from env (default os.environ) over `.env` over defaults; overrides win over all."""
+    env = os.environ if env is None else env
+    file_values = read_dotenv(dotenv) if dotenv else {}
+    values: dict[str, Any] = {}
+    for name, default, parse, _help in SETTINGS:
+        raw = env.get(name, file_values.get(name, default))
+        try:
+            values[name.lower()] = parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name}={raw!r}: {exc}") from None
+    values.update(overrides)
+    return Settings(**values)
+
+
+def defaults() -> Settings:
+    return load(env={}, dotenv=None)

@@ -1,0 +1,236 @@
+"""Receiving one multipart upload as a stream: the `file` part goes to a temp file while its
+SHA-256 is computed, and the size cap is enforced as bytes arrive, so memory stays flat."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import tempfile
+import unicodedata
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+from urllib.parse import unquote
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from imaging import Rejected
+
+FIELD = "file"
+MAX_PARTS = 32  # a real upload has one part, maybe a few form fields; more is abuse
+MAX_NAME_CHARS = 255
+# Temp names carry host and pid so a start-up sweep removes only what a dead process left.
+TEMP_PREFIX = "upload-"
+
+
+class TooLarge(Rejected):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"file is larger than the limit of {limit} bytes")
+
+
+@dataclass
+class Received:
+    original_name: str = ""
+    content_type: str | None = None
+    temp_path: Path | None = None
+    size: int = 0
+    sha256: str = ""
+    _file: IO[bytes] | None = field(default=None, repr=False)
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.temp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.temp_path.unlink()
+            self.temp_path = None
+
+
+def temp_owner() -> str:
+    return f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def clean_name(raw: str) -> str:
+    """The client's file name as text to store and show: no control characters, bounded."""
+    name = "".join(ch for ch in raw if unicodedata.category(ch)[0] != "C")
+    return name.strip()[:MAX_NAME_CHARS]
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    if not content_type:
+        raise Rejected(415, "expected a multipart/form-data body with a `file` field")
+    ctype, params = parse_options_header(content_type)
+    if ctype != b"multipart/form-data":
+        got = ctype.decode("latin-1")
+        raise Rejected(415, f"expected a multipart/form-data body with a `file` field, got {got!r}")
+    boundary = params.get(b"boundary")
+    if not boundary or len(boundary) > 200:
+        raise Rejected(400, "multipart body has no valid boundary")
+    return boundary
+
+
+def _part_name_and_filename(disposition: bytes) -> tuple[str, str | None]:
+    _kind, params = parse_options_header(disposition)
+    name = params.get(b"name", b"").decode("utf-8", "replace")
+    filename: str | None = None
+    if b"filename*" in params:  # RFC 5987: charset''percent-encoded
+        raw = params[b"filename*"].decode("latin-1")
+        charset, _, encoded = raw.partition("''")
+        with contextlib.suppress(LookupError):
+            filename = unquote(encoded, encoding=charset or "utf-8", errors="replace")
+    if filename is None and b"filename" in params:
+        filename = params[b"filename"].decode("utf-8", "replace")
+    return name, filename
+
+
+class _Receiver:
+    """python-multipart callbacks that route the one `file` part to a temp file."""
+
+    def __init__(self, tmp_dir: Path, max_bytes: int) -> None:
+        self.tmp_dir = tmp_dir
+        self.max_bytes = max_bytes
+        self.result = Received()
+        self._hash = hashlib.sha256()
+        self._headers: dict[bytes, bytes] = {}
+        self._header_field = b""
+        self._header_value = b""
+        self._in_file = False
+        self._parts = 0
+        self._done = False
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise Rejected(400, f"too many parts in the form (the limit is {MAX_PARTS})")
+        self._headers = {}
+        self._header_field = self._header_value = b""
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._header_field.lower()] = self._header_value
+        self._header_field = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        name, filename = _part_name_and_filename(self._headers.get(b"content-disposition", b""))
+        if name != FIELD:
+            return
+        result = self.result
+        if result.temp_path is not None:
+            raise Rejected(400, f"more than one `{FIELD}` part in the form")
+        result.original_name = clean_name(filename or "")
+        ctype = self._headers.get(b"content-type")
+        result.content_type = ctype.decode("latin-1").strip() if ctype else None
+        fd, path = tempfile.mkstemp(prefix=temp_owner(), suffix=".part", dir=self.tmp_dir)
+        result.temp_path = Path(path)
+        result._file = os.fdopen(fd, "wb")
+        self._in_file = True
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._in_file:
+            return  # other form fields are read past, never kept
+        chunk = data[start:end]
+        result = self.result
+        result.size += len(chunk)
+        if result.size > self.max_bytes:
+            raise TooLarge(self.max_bytes)
+        self._hash.update(chunk)
+        assert result._file is not None
+        result._file.write(chunk)
+
+    def on_part_end(self) -> None:
+        self._in_file = False
+
+    def on_end(self) -> None:
+        self._done = True
+
+    def finish(self) -> Received:
+        result = self.result
+        if not self._done:
+            raise Rejected(400, "multipart body ended early (no closing boundary)")
+        if result.temp_path is None:
+            raise Rejected(
+                400, f"no `{FIELD}` part in the form (send it with -F {FIELD}=@photo.jpg)"
+            )
+        assert result._file is not None
+        result._file.flush()
+        result.sha256 = self._hash.hexdigest()
+        return result
+
+
+async def receive(
+    chunks: AsyncIterator[bytes], content_type: str | None, tmp_dir: Path, max_bytes: int
+) -> Received:
+    """Reads the whole body. On any error the temp file is removed and the error re-raised with
+    the partial Received attached as `exc.received` (so the failure can be recorded by name)."""
+    boundary = boundary_of(content_type)
+    receiver = _Receiver(tmp_dir, max_bytes)
+    parser = MultipartParser(boundary, receiver.callbacks())
+    try:
+        async for chunk in chunks:
+            parser.write(chunk)
+        parser.finalize()
+        return receiver.finish()
+    except MultipartParseError as exc:
+        receiver.result.discard()
+        err = Rejected(400, f"malformed multipart body: {exc}")
+        err.received = receiver.result  # type: ignore[attr-defined]
+        raise err from None
+    except BaseException as exc:
+        receiver.result.discard()
+        exc.received = receiver.result  # type: ignore[attr-defined]
+        raise
+
+
+def sweep_temp_files(tmp_dir: Path) -> int:
+    """Removes upload temp files whose writing process is gone (or was this host's previous run
+    under the same pid). Files of live sibling processes on this host are left alone."""
+    host = socket.gethostname()
+    me = os.getpid()
+    removed = 0
+    for path in tmp_dir.glob(f"{TEMP_PREFIX}*.part"):
+        rest = path.name[len(TEMP_PREFIX) :]
+        parts = rest.split("-")
+        if len(parts) < 3:
+            continue
+        owner_host, pid_text = "-".join(parts[:-2]), parts[-2]
+        if owner_host != host or not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid != me and _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
