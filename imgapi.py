@@ -456,8 +456,13 @@ async def handle_error(request: Request, exc: Exception) -> HTTPResponse:
 # -- the app ------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None) -> Sanic:
-    """One place builds the app: settings (default: environment and .env), routes, listeners."""
+def create_app(settings: Settings | None = None, *, own_resources: bool = True) -> Sanic:
+    """One place builds the app: settings (default: environment and .env), routes, listeners.
+
+    With own_resources=False the caller opens and closes the database, pools and job runner
+    (open_resources / close_resources) itself: sanic-testing's ASGI client runs the server
+    listeners around every single request, which would stop background jobs between requests.
+    """
     cfg = settings or settings_mod.load()
     app = Sanic("imgapi", dumps=lambda v: records.dumps(v).decode())
     app.ctx.settings = cfg
@@ -487,8 +492,9 @@ def create_app(settings: Settings | None = None) -> Sanic:
     app.add_route(stats, "/api/stats", methods=["GET"], name="stats")
     app.add_route(healthz, "/healthz", methods=["GET"], name="healthz")
     app.error_handler.add(Exception, handle_error)
-    app.before_server_start(open_resources)
-    app.after_server_stop(close_resources)
+    if own_resources:
+        app.before_server_start(open_resources)
+        app.after_server_stop(close_resources)
     return app
 
 

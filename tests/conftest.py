@@ -1,11 +1,18 @@
-"""Shared fixtures: the corpus folders, fresh settings on a temp directory per test."""
+"""Shared fixtures: the corpus folders; settings, app and client on a fresh temp folder per test."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from sanic import Sanic
+from sanic_testing.testing import SanicASGITestClient
+
+import imgapi
+import settings as settings_mod
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("IMGAPI_CORPUS", REPO.parent / "shared" / "corpus"))
@@ -37,3 +44,74 @@ def photos() -> Path:
 @pytest.fixture
 def hostile() -> Path:
     return corpus_folder("hostile")
+
+
+# -- the app on a fresh temp directory --------------------------------------------------------
+
+TEST_ENV = {
+    "CAPTION_MODEL": "none",
+    "SWEEP_SECONDS": "0.2",
+    "JOB_LEASE_SECONDS": "3",
+    "LOG_LEVEL": "warning",
+}
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., settings_mod.Settings]:
+    """Settings on this test's own database and media folder; keyword arguments are env values."""
+
+    def make(**env: str) -> settings_mod.Settings:
+        values = {
+            "DB_PATH": str(tmp_path / "data" / "imgapi.db"),
+            "MEDIA_DIR": str(tmp_path / "media"),
+            **TEST_ENV,
+            **env,
+        }
+        return settings_mod.load(env=values, dotenv=None)
+
+    return make
+
+
+@pytest.fixture
+def cfg(make_settings: Callable[..., settings_mod.Settings]) -> settings_mod.Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def app(cfg: settings_mod.Settings) -> AsyncIterator[Sanic]:
+    """The app with its resources open for the whole test (in-process jobs keep running)."""
+    Sanic.test_mode = True
+    application = imgapi.create_app(cfg, own_resources=False)
+    await imgapi.open_resources(application)
+    try:
+        yield application
+    finally:
+        await imgapi.close_resources(application)
+        Sanic._app_registry.pop(application.name, None)
+
+
+@pytest.fixture
+def client(app: Sanic) -> SanicASGITestClient:
+    """sanic-testing's async client: `_, response = await client.get(...)`."""
+    return SanicASGITestClient(app)
+
+
+def multipart(
+    content: bytes, filename: str = "photo.jpg", content_type: str = "image/jpeg"
+) -> dict:
+    """httpx `files=` for one `file` part."""
+    return {"file": (filename, content, content_type)}
+
+
+async def wait_for(predicate: Callable[[], object], within: float = 20.0) -> None:
+    """Polls an async or sync predicate until it is truthy, or fails the test."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(0.05)
