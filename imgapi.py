@@ -72,6 +72,10 @@ def base_url(request: Request) -> str:
 
 async def open_resources(app: Sanic) -> None:
     cfg: Settings = app.ctx.settings
+    if cfg.slow_callback_ms:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)  # asyncio then logs every callback slower than the threshold
+        loop.slow_callback_duration = cfg.slow_callback_ms / 1000
     for folder in (cfg.originals_dir, cfg.thumbnails_dir, cfg.tmp_dir):
         folder.mkdir(parents=True, exist_ok=True)
     removed = uploads.sweep_temp_files(cfg.tmp_dir)

@@ -139,6 +139,12 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         "after a failed model load, caption jobs fail at once for this long before a new try",
     ),
     ("HF_TOKEN", "", _text, "Hugging Face token used by `python -m models download`"),
+    (
+        "SLOW_CALLBACK_MS",
+        "0",
+        _non_negative_int,
+        "diagnostics: log event-loop callbacks slower than this (asyncio debug mode; 0: off)",
+    ),
     ("LOG_LEVEL", "INFO", _choice("debug", "info", "warning", "error"), "log level"),
 )
 
@@ -166,6 +172,7 @@ class Settings:
     caption_threads: int
     caption_retry_seconds: float
     hf_token: str
+    slow_callback_ms: int
     log_level: str
 
     @property
