@@ -16,6 +16,10 @@ from datetime import UTC, datetime, timedelta
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.asyncio import ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from store import Job, Store
 
@@ -95,20 +99,35 @@ class LocalRunner:
 
 
 class ArqQueue:
-    """The arq side of dispatch. Connects lazily and fails fast: Redis being down must never hold
-    up an upload (the job row is already committed; the sweeper enqueues it later)."""
+    """The arq side of dispatch. Connects lazily. By default it fails fast: Redis being down must
+    never hold up an upload (the job row is already committed; the sweeper enqueues it later).
+    A `patient` one, for arq workers, retries every command until Redis is back: arq's worker
+    loop does not survive a failed Redis call, so it must never see one."""
 
-    def __init__(self, url: str, queue_name: str, redis: ArqRedis | None = None) -> None:
+    def __init__(
+        self, url: str, queue_name: str, redis: ArqRedis | None = None, *, patient: bool = False
+    ) -> None:
         self.url = url
         self.queue_name = queue_name
+        self.patient = patient
         self._redis = redis
         self._owned = redis is None
 
     @property
     def redis(self) -> ArqRedis:
         if self._redis is None:
+            retry: dict = {}
+            if self.patient:
+                retry = {
+                    "retry": Retry(ExponentialBackoff(cap=2, base=0.1), -1),
+                    "retry_on_error": [RedisConnectionError, RedisTimeoutError, OSError],
+                }
             pool = ConnectionPool.from_url(
-                self.url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
+                self.url,
+                socket_connect_timeout=2,
+                socket_timeout=10,
+                health_check_interval=30,
+                **retry,
             )
             self._redis = ArqRedis(connection_pool=pool, default_queue_name=self.queue_name)
         return self._redis

@@ -23,6 +23,7 @@ from typing import Any
 from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import NotFound, SanicException
 from sanic.response import file_stream, raw
+from sanic_ext import openapi
 
 import imaging
 import openapi_spec
@@ -40,7 +41,7 @@ CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 ORPHAN_GRACE_S = 60.0
 MAX_LIST_LIMIT = 1000
 # Bytes beyond MAX_UPLOAD_BYTES that a multipart body may carry (boundaries, part headers).
-MULTIPART_OVERHEAD = 64 * 1024
+MULTIPART_OVERHEAD = uploads.OVERHEAD
 
 
 class ApiError(SanicException):
@@ -170,12 +171,9 @@ async def upload(request: Request) -> HTTPResponse:
     image_id = new_image_id()
     received = uploads.Received()
     try:
+        too_big = cfg.max_upload_bytes + MULTIPART_OVERHEAD
         declared = request.headers.get("content-length")
-        if (
-            declared
-            and declared.isdigit()
-            and int(declared) > cfg.max_upload_bytes + MULTIPART_OVERHEAD
-        ):
+        if declared and declared.isdigit() and int(declared) > too_big:
             raise uploads.TooLarge(cfg.max_upload_bytes)
         try:
             received = await uploads.receive(
@@ -183,6 +181,7 @@ async def upload(request: Request) -> HTTPResponse:
                 request.headers.get("content-type"),
                 cfg.tmp_dir,
                 cfg.max_upload_bytes,
+                too_big,
             )
         except BaseException as exc:
             received = getattr(exc, "received", received)
@@ -471,12 +470,28 @@ def create_app(settings: Settings | None = None, *, own_resources: bool = True) 
     app = Sanic("imgapi", dumps=lambda v: records.dumps(v).decode())
     app.ctx.settings = cfg
     app.config.REQUEST_TIMEOUT = cfg.request_timeout
-    # Streamed uploads enforce their own cap; this bounds what Sanic drains after a rejection.
-    app.config.REQUEST_MAX_SIZE = cfg.max_upload_bytes + MULTIPART_OVERHEAD
+    # Streamed uploads enforce their own cap. After an early 413 Sanic reads and drops the rest of
+    # the body up to this size before closing, so a client that sends its whole body before
+    # reading the answer (most do) gets the 413 rather than a connection reset; past it, the
+    # connection is cut.
+    app.config.REQUEST_MAX_SIZE = 2 * cfg.max_upload_bytes + MULTIPART_OVERHEAD
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.OAS_URL_PREFIX = "/docs"
     app.ext.openapi.raw(openapi_spec.SPEC)
+    # The document is written out in openapi_spec.py; sanic-ext's per-route guesses would
+    # replace its operations with bare "default" responses.
+    for handler in (
+        upload,
+        list_images,
+        get_image,
+        delete_image,
+        get_thumbnail,
+        get_original,
+        stats,
+        healthz,
+    ):
+        openapi.exclude()(handler)
 
     app.add_route(upload, "/api/images", methods=["POST"], stream=True, name="upload")
     app.add_route(list_images, "/api/images", methods=["GET"], name="list_images")

@@ -232,7 +232,13 @@ def worker_options(cfg: Settings) -> dict[str, Any]:
     return {
         "functions": FUNCTIONS,
         "queue_name": cfg.arq_queue,
+        # arq's --check reads redis_settings; the worker itself runs on the patient pool.
         "redis_settings": redis_settings(cfg) if cfg.redis_url else None,
+        "redis_pool": (
+            dispatch.ArqQueue(cfg.redis_url, cfg.arq_queue, patient=True).redis
+            if cfg.redis_url
+            else None
+        ),
         "max_jobs": job_slots(cfg),
         "poll_delay": cfg.arq_poll_seconds,
         "job_timeout": ARQ_JOB_TIMEOUT_S,
@@ -367,11 +373,13 @@ class Jobs:
         """Mode 2: an arq worker inside the API process, restarted if Redis drops it."""
         assert self.runtime is not None
         options = worker_options(self.settings)
-        for name in ("redis_settings", "on_startup", "on_shutdown"):
+        for name in ("redis_settings", "redis_pool", "on_startup", "on_shutdown"):
             options.pop(name)
         while True:
-            # Its own connections: arq closes the pool it was given when the worker stops.
-            redis = dispatch.ArqQueue(self.settings.redis_url, self.settings.arq_queue).redis
+            # Its own patient connections: arq closes the pool it was given when it stops.
+            redis = dispatch.ArqQueue(
+                self.settings.redis_url, self.settings.arq_queue, patient=True
+            ).redis
             self._worker = Worker(
                 **options, redis_pool=redis, handle_signals=False, ctx={"imgapi": self.runtime}
             )

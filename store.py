@@ -80,6 +80,18 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_due ON jobs (state, run_after);
     CREATE INDEX stats_open ON stats (image_id) WHERE end_time IS NULL;
     """,
+    # 3: rows a seed database wrote with datetime('now') ("2026-02-22 12:00:00", UTC without a
+    # zone) become RFC 3339 UTC like every new row, so they sort and paginate by time.
+    """
+    UPDATE images SET processed_at = strftime('%Y-%m-%dT%H:%M:%fZ', processed_at)
+      WHERE processed_at NOT LIKE '%Z';
+    UPDATE metadata SET first_upload = strftime('%Y-%m-%dT%H:%M:%fZ', first_upload)
+      WHERE first_upload NOT LIKE '%Z';
+    UPDATE stats SET start_time = strftime('%Y-%m-%dT%H:%M:%fZ', start_time)
+      WHERE start_time NOT LIKE '%Z';
+    UPDATE stats SET end_time = strftime('%Y-%m-%dT%H:%M:%fZ', end_time)
+      WHERE end_time NOT LIKE '%Z';
+    """,
 )
 
 
@@ -116,21 +128,28 @@ class Store:
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await conn.execute("PRAGMA foreign_keys = ON")
-        await conn.execute("PRAGMA synchronous = NORMAL")
+        # execute_fetchall: a statement left unfinished (PRAGMAs answer with a row) would hold a
+        # read transaction open, and its stale snapshot makes every later write fail as "locked".
+        await conn.execute_fetchall(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await conn.execute_fetchall("PRAGMA foreign_keys = ON")
+        await conn.execute_fetchall("PRAGMA synchronous = NORMAL")
         return conn
 
     async def open(self) -> Store:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect()
-        await self._writer.execute("PRAGMA journal_mode = WAL")
-        await self.migrate()
-        for _ in range(self._reader_count):
-            conn = await self._connect()
-            self._all_readers.append(conn)
-            self._readers.put_nowait(conn)
+        try:
+            self._writer = await self._connect()
+            await _enable_wal(self._writer)
+            await self.migrate()
+            for _ in range(self._reader_count):
+                conn = await self._connect()
+                self._all_readers.append(conn)
+                self._readers.put_nowait(conn)
+        except BaseException:
+            # aiosqlite's threads would keep the process alive after a failed start.
+            await self.close()
+            raise
         return self
 
     async def close(self) -> None:
@@ -149,7 +168,7 @@ class Store:
             conn = self._writer
             if conn is None:
                 raise RuntimeError("store is closed")
-            await conn.execute("BEGIN IMMEDIATE")
+            await _begin_immediate(conn)
             try:
                 yield conn
             except BaseException:
@@ -524,6 +543,31 @@ async def _close_stats_if_finished(conn: aiosqlite.Connection, sha256: str, stam
         " (SELECT image_id FROM images WHERE metadata_sha256 = ?)",
         (stamp, sha256),
     )
+
+
+async def _retry_locked(conn: aiosqlite.Connection, sql: str) -> None:
+    """Runs `sql`, retrying "database is locked" for up to the busy timeout.
+
+    The busy timeout makes SQLite wait for locks, but not in every case: while another process
+    switches a new file to WAL (or recovers its WAL index) SQLite answers SQLITE_BUSY at once.
+    Processes that open a fresh database together meet exactly that."""
+    attempts = BUSY_TIMEOUT_MS // 50
+    for attempt in range(attempts):
+        try:
+            await conn.execute_fetchall(sql)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def _enable_wal(conn: aiosqlite.Connection) -> None:
+    await _retry_locked(conn, "PRAGMA journal_mode = WAL")
+
+
+async def _begin_immediate(conn: aiosqlite.Connection) -> None:
+    await _retry_locked(conn, "BEGIN IMMEDIATE")
 
 
 def _statements(script: str) -> list[str]:

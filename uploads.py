@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import tempfile
 import unicodedata
@@ -23,6 +24,8 @@ from imaging import Rejected
 FIELD = "file"
 MAX_PARTS = 32  # a real upload has one part, maybe a few form fields; more is abuse
 MAX_NAME_CHARS = 255
+# What a multipart body may carry beyond its file: boundaries, part headers, small form fields.
+OVERHEAD = 64 * 1024
 # Temp names carry host and pid so a start-up sweep removes only what a dead process left.
 TEMP_PREFIX = "upload-"
 
@@ -74,15 +77,21 @@ def boundary_of(content_type: str | None) -> bytes:
     return boundary
 
 
+_FILENAME_STAR = re.compile(r";\s*filename\*\s*=\s*([^;]+)", re.IGNORECASE)
+
+
 def _part_name_and_filename(disposition: bytes) -> tuple[str, str | None]:
     _kind, params = parse_options_header(disposition)
     name = params.get(b"name", b"").decode("utf-8", "replace")
     filename: str | None = None
-    if b"filename*" in params:  # RFC 5987: charset''percent-encoded
-        raw = params[b"filename*"].decode("latin-1")
-        charset, _, encoded = raw.partition("''")
+    # RFC 5987 `filename*=UTF-8''percent-encoded`, which some clients send for non-ASCII names.
+    # python-multipart drops starred parameters, so it is read from the raw header.
+    star = _FILENAME_STAR.search(disposition.decode("latin-1"))
+    if star:
+        charset, _, encoded = star.group(1).strip().strip('"').partition("'")
+        encoded = encoded.partition("'")[2]  # skip the optional language tag
         with contextlib.suppress(LookupError):
-            filename = unquote(encoded, encoding=charset or "utf-8", errors="replace")
+            filename = unquote(encoded, encoding=charset or "utf-8", errors="replace") or None
     if filename is None and b"filename" in params:
         filename = params[b"filename"].decode("utf-8", "replace")
     return name, filename
@@ -180,15 +189,26 @@ class _Receiver:
 
 
 async def receive(
-    chunks: AsyncIterator[bytes], content_type: str | None, tmp_dir: Path, max_bytes: int
+    chunks: AsyncIterator[bytes],
+    content_type: str | None,
+    tmp_dir: Path,
+    max_bytes: int,
+    max_body_bytes: int | None = None,
 ) -> Received:
-    """Reads the whole body. On any error the temp file is removed and the error re-raised with
-    the partial Received attached as `exc.received` (so the failure can be recorded by name)."""
+    """Reads the whole body. The file part may hold up to max_bytes, the whole body (other form
+    fields too) up to max_body_bytes. On any error the temp file is removed and the error is
+    re-raised with the partial Received attached as `exc.received` (to record it by name)."""
+    if max_body_bytes is None:
+        max_body_bytes = max_bytes + OVERHEAD
     boundary = boundary_of(content_type)
     receiver = _Receiver(tmp_dir, max_bytes)
     parser = MultipartParser(boundary, receiver.callbacks())
+    total = 0
     try:
         async for chunk in chunks:
+            total += len(chunk)
+            if total > max_body_bytes:
+                raise TooLarge(max_bytes)
             parser.write(chunk)
         parser.finalize()
         return receiver.finish()
