@@ -1,0 +1,157 @@
+"""settings: defaults, where values come from (env over .env over defaults), and bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import settings as settings_mod
+from settings import SettingsError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_match_the_design():
+    cfg = settings_mod.defaults()
+    assert cfg.db_path == "./data/imgapi.db"
+    assert cfg.media_dir == "./media"
+    assert cfg.redis_url == ""
+    assert cfg.worker == "inline"
+    assert cfg.max_upload_bytes == 50_000_000
+    assert cfg.max_pixels == 50_000_000
+    assert cfg.caption_model == "Salesforce/blip-image-captioning-base"
+    assert cfg.caption_device == "auto"
+    assert cfg.caption_batch >= 1 and cfg.job_concurrency >= 1
+    assert cfg.hf_token == ""
+    assert cfg.captions_enabled
+    assert cfg.originals_dir == Path("./media/originals")
+    assert cfg.thumbnails_dir == Path("./media/thumbnails")
+
+
+def test_every_setting_is_declared_once_with_help():
+    names = [name for name, *_ in settings_mod.SETTINGS]
+    assert len(names) == len(set(names))
+    fields = {f.name for f in dataclasses.fields(settings_mod.Settings)}
+    assert {name.lower() for name in names} == fields
+    for name, default, parse, help_text in settings_mod.SETTINGS:
+        assert name.isupper() and help_text.strip(), name
+        parse(default)  # every default is valid
+
+
+def test_env_wins_over_dotenv_which_wins_over_defaults(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "# comment\n"
+        "\n"
+        "MAX_PIXELS=1000\n"
+        "WORKER=off\n"
+        "export HF_TOKEN='hf_from_file'\n"
+        'CAPTION_MODEL="none"\n'
+        "not a setting line\n"
+    )
+    cfg = settings_mod.load(env={"MAX_PIXELS": "2000", "DB_PATH": "/x/y.db"}, dotenv=dotenv)
+    assert cfg.max_pixels == 2000  # env
+    assert cfg.db_path == "/x/y.db"  # env, not in the file
+    assert cfg.worker == "off"  # .env
+    assert cfg.hf_token == "hf_from_file"  # .env, `export` and quotes stripped
+    assert cfg.caption_model == "none" and not cfg.captions_enabled
+    assert cfg.max_upload_bytes == 50_000_000  # default
+
+
+def test_missing_dotenv_is_fine(tmp_path):
+    cfg = settings_mod.load(env={}, dotenv=tmp_path / "absent.env")
+    assert cfg == settings_mod.defaults()
+
+
+def test_load_reads_os_environ_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAX_UPLOAD_BYTES", "1_000")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/9")
+    cfg = settings_mod.load(dotenv=None)
+    assert cfg.max_upload_bytes == 1000
+    assert cfg.redis_url == "redis://127.0.0.1:6379/9"
+
+
+def test_values_are_normalised():
+    cfg = settings_mod.load(
+        env={"WORKER": " OFF ", "PUBLIC_URL": "https://img.example.com/", "LOG_LEVEL": "DEBUG"},
+        dotenv=None,
+    )
+    assert cfg.worker == "off"
+    assert cfg.public_url == "https://img.example.com"
+    assert cfg.log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_PIXELS", "abc"),
+        ("MAX_PIXELS", "0"),
+        ("MAX_UPLOAD_BYTES", "-1"),
+        ("MAX_UPLOAD_BYTES", "1.5"),
+        ("WORKER", "maybe"),
+        ("REDIS_URL", "http://x"),
+        ("CAPTION_DEVICE", "tpu"),
+        ("JOB_LEASE_SECONDS", "0"),
+        ("SWEEP_SECONDS", "nan"),
+        ("PUBLIC_URL", "ftp://x"),
+        ("JOB_CONCURRENCY", ""),
+    ],
+)
+def test_bad_value_raises_settings_error_naming_the_setting(name, value):
+    with pytest.raises(SettingsError) as caught:
+        settings_mod.load(env={name: value}, dotenv=None)
+    message = str(caught.value)
+    assert name in message and repr(value) in message, message
+    assert "\n" not in message
+
+
+def test_bad_value_in_dotenv_is_named_too(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WORKER=sometimes\n")
+    with pytest.raises(SettingsError, match="WORKER"):
+        settings_mod.load(env={}, dotenv=dotenv)
+
+
+def test_replace_keeps_the_rest():
+    cfg = settings_mod.defaults()
+    changed = cfg.replace(worker="off")
+    assert changed.worker == "off" and cfg.worker == "inline"
+    assert dataclasses.replace(changed, worker="inline") == cfg
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("MAX_PIXELS", "abc"), ("WORKER", "maybe"), ("REDIS_URL", "http://x")]
+)
+def test_start_with_a_bad_value_exits_with_one_line_on_stderr(tmp_path, name, value):
+    names = {setting for setting, *_ in settings_mod.SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update({name: value, "DB_PATH": str(tmp_path / "db.sqlite")})
+    env["MEDIA_DIR"] = str(tmp_path / "media")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "imgapi.py"), "--port", "1"],
+        cwd=tmp_path,  # no .env here
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert name in lines[0] and value in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "db.sqlite").exists()  # stopped before opening anything
+
+
+def test_readme_lists_every_setting():
+    readme = REPO / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md is not written yet")
+    text = readme.read_text()
+    missing = [name for name, *_ in settings_mod.SETTINGS if name not in text]
+    assert not missing, f"README.md does not list {missing}"

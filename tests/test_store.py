@@ -1,0 +1,371 @@
+"""store.Store on real SQLite files: migrations, pragmas, the seed schema, query plans, job claims
+and leases, closing, and transactions under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+import store as store_mod
+from store import Store, now_iso
+
+SHA = "a" * 64
+SHA2 = "b" * 64
+RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
+
+# The seed's schema, as its README gives it: what an existing deployment's database holds.
+SEED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS metadata (
+  sha256 TEXT PRIMARY KEY,
+  width INTEGER,
+  height INTEGER,
+  format TEXT,
+  size_bytes INTEGER,
+  first_upload TEXT DEFAULT (datetime('now')),
+  exif_json TEXT,
+  caption TEXT
+);
+CREATE TABLE IF NOT EXISTS images (
+  image_id TEXT PRIMARY KEY,
+  original_name TEXT NOT NULL,
+  processed_at TEXT DEFAULT (datetime('now')),
+  image_path TEXT,
+  metadata_sha256 TEXT,
+  error TEXT,
+  FOREIGN KEY (metadata_sha256) REFERENCES metadata(sha256)
+);
+CREATE TABLE IF NOT EXISTS stats (
+  image_id TEXT PRIMARY KEY,
+  start_time TEXT DEFAULT (datetime('now')),
+  end_time TEXT,
+  status INTEGER NOT NULL,
+  FOREIGN KEY (image_id) REFERENCES images(image_id) ON DELETE CASCADE
+);
+"""
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "imgapi.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = await Store(db_path).open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@contextlib.asynccontextmanager
+async def opened(path: Path) -> AsyncIterator[Store]:
+    s = await Store(path).open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def rows(path: Path, sql: str, *params: Any) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+async def add_image(
+    s: Store,
+    image_id: str,
+    sha256: str = SHA,
+    processed_at: str | None = None,
+    kinds: dict[str, tuple[str, str | None]] | None = None,
+) -> bool:
+    stamp = processed_at or now_iso()
+    return await s.record_success(
+        image_id=image_id,
+        original_name=f"{image_id}.jpg",
+        processed_at=stamp,
+        image_path=f"/nowhere/{image_id}.jpg",
+        start_time=stamp,
+        sha256=sha256,
+        width=4,
+        height=3,
+        fmt="jpeg",
+        size_bytes=100,
+        kinds=kinds or dict.fromkeys(store_mod.JOB_KINDS, ("queued", None)),
+    )
+
+
+# -- schema and pragmas -------------------------------------------------------------------------
+
+
+async def test_migrations_are_recorded_and_idempotent(db_path):
+    async with opened(db_path) as s:
+        assert await s.migrate() == len(store_mod.MIGRATIONS)
+        await add_image(s, "one")
+    first = rows(db_path, "SELECT version, applied_at FROM schema_migrations ORDER BY version")
+    assert [v for v, _ in first] == list(range(1, len(store_mod.MIGRATIONS) + 1))
+    assert all(RFC3339_UTC.fullmatch(at) for _, at in first)
+    async with opened(db_path) as s:  # a second start: nothing applied twice, nothing lost
+        await s.migrate()
+        assert (await s.get_record("one"))["original_name"] == "one.jpg"
+    assert rows(db_path, "SELECT version, applied_at FROM schema_migrations ORDER BY version") == (
+        first
+    )
+    tables = {r[0] for r in rows(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"metadata", "images", "stats", "jobs", "schema_migrations"} <= tables
+
+
+async def test_two_stores_opening_the_same_new_file_at_once(tmp_path):
+    """Two processes starting together on a fresh volume (API and worker, or --workers 2)."""
+    for trial in range(5):  # the race is lost often, not always: a few fresh files make it show
+        path = tmp_path / f"fresh-{trial}.db"
+        a, b = Store(path), Store(path)
+        try:
+            results = await asyncio.gather(a.open(), b.open(), return_exceptions=True)
+            errors = [repr(r) for r in results if isinstance(r, BaseException)]
+            assert not errors, f"trial {trial}: {errors}"
+        finally:
+            # Also closes what a failed open() left connected (its threads keep a process alive).
+            await a.close()
+            await b.close()
+        versions = rows(path, "SELECT version FROM schema_migrations ORDER BY version")
+        assert [v for (v,) in versions] == list(range(1, len(store_mod.MIGRATIONS) + 1))
+
+
+async def test_wal_mode_and_foreign_keys_are_on(store, db_path):
+    assert rows(db_path, "PRAGMA journal_mode") == [("wal",)]  # persistent: any connection sees it
+    async with store.transaction() as conn:
+        assert [tuple(r) for r in await conn.execute_fetchall("PRAGMA foreign_keys")] == [(1,)]
+        busy = await conn.execute_fetchall("PRAGMA busy_timeout")
+        assert busy[0][0] >= 1000
+    # Enforced, not only set: a job for bytes with no metadata row is refused.
+    with pytest.raises(sqlite3.IntegrityError):
+        async with store.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO jobs (sha256, kind, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (SHA2, "exif", now_iso(), now_iso()),
+            )
+    assert rows(db_path, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+async def test_seed_schema_database_upgrades_in_place(db_path):
+    db_path.parent.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.executescript(SEED_SCHEMA)
+        conn.execute(
+            "INSERT INTO metadata (sha256, width, height, format, size_bytes, exif_json, caption)"
+            " VALUES (?, 1920, 1080, 'jpeg', 2048576, '{\"Make\": \"Seed\"}', 'a cat')",
+            (SHA,),
+        )
+        conn.execute(
+            "INSERT INTO images (image_id, original_name, image_path, metadata_sha256)"
+            " VALUES ('img123', 'photo.jpg', 'media/originals/img123.jpg', ?)",
+            (SHA,),
+        )
+        conn.execute("INSERT INTO stats (image_id, status) VALUES ('img123', 1)")
+        conn.execute(
+            "INSERT INTO images (image_id, original_name, error) VALUES"
+            " ('img789', 'file.xlsx', 'invalid file format')"
+        )
+        conn.execute("INSERT INTO stats (image_id, end_time, status) VALUES ('img789', NULL, 0)")
+        conn.commit()
+
+    async with opened(db_path) as s:
+        old = await s.get_record("img123")
+        assert old is not None
+        assert (old["original_name"], old["width"], old["height"], old["format"]) == (
+            "photo.jpg",
+            1920,
+            1080,
+            "jpeg",
+        )
+        assert old["caption"] == "a cat" and old["exif_json"] == '{"Make": "Seed"}'
+        failed = await s.get_record("img789")
+        assert failed["error"] == "invalid file format"
+        # New rows go in next to the old ones, with jobs, and the list reads both.
+        await add_image(s, "new", sha256=SHA2)
+        listed = [r["image_id"] for r in await s.list_records(limit=10)]
+        assert listed[0] == "new" and set(listed) == {"new", "img123", "img789"}
+        stats = await s.stats()
+        assert (stats["total"], stats["failed"]) == (3, 1)
+    versions = rows(db_path, "SELECT version FROM schema_migrations ORDER BY version")
+    assert [v for (v,) in versions] == list(range(1, len(store_mod.MIGRATIONS) + 1))
+    indexes = {r[0] for r in rows(db_path, "SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "images_newest" in indexes
+    # The API's records say processed_at and first_upload are RFC 3339 UTC: old rows too (the
+    # seed wrote datetime('now'), "YYYY-MM-DD HH:MM:SS" without a zone), so that they read and
+    # sort like new ones.
+    for table, column in (("images", "processed_at"), ("metadata", "first_upload")):
+        for (value,) in rows(db_path, f"SELECT {column} FROM {table}"):
+            assert RFC3339_UTC.fullmatch(value), (table, column, value)
+
+
+# -- query plans --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def captured_sql(monkeypatch) -> list[tuple[str, tuple]]:
+    """Every statement the store sends through aiosqlite, with its parameters."""
+    seen: list[tuple[str, tuple]] = []
+    for name in ("execute", "execute_fetchall"):
+        original = getattr(aiosqlite.Connection, name)
+
+        def spy(self, sql, parameters=None, *, _original=original):
+            seen.append((sql, tuple(parameters or ())))
+            return _original(self, sql, parameters)
+
+        monkeypatch.setattr(aiosqlite.Connection, name, spy)
+    return seen
+
+
+async def test_list_records_reads_through_an_index(store, db_path, captured_sql):
+    for i in range(30):
+        await add_image(store, f"img{i:03d}", sha256=f"{i:064x}")
+    calls = [
+        {},
+        {"status": "success"},
+        {"status": "failed"},
+        {"before": ("2026-01-01T00:00:00.000Z", "img010")},
+        {"before": ("2026-01-01T00:00:00.000Z", "img010"), "status": "success"},
+        {"before": ("2026-01-01T00:00:00.000Z", "img010"), "status": "failed"},
+    ]
+    for kwargs in calls:
+        captured_sql.clear()
+        await store.list_records(limit=11, **kwargs)
+        listing = [(sql, p) for sql, p in captured_sql if "FROM images" in sql]
+        assert len(listing) == 1, captured_sql
+        sql, params = listing[0]
+        plan = [r[3] for r in rows(db_path, "EXPLAIN QUERY PLAN " + sql, *params)]
+        assert not any(re.fullmatch(r"SCAN i\b(?!.*INDEX).*", step) for step in plan), plan
+        assert not any("TEMP B-TREE" in step for step in plan), (kwargs, plan)
+        assert any("INDEX" in step and step.split()[1] == "i" for step in plan), plan
+
+
+# -- jobs: claims and leases --------------------------------------------------------------------
+
+
+async def test_claim_job_is_exclusive_between_two_runners(db_path):
+    async with opened(db_path) as a, opened(db_path) as b:
+        for i in range(5):
+            await add_image(a, f"img{i}", sha256=f"{i:064x}")
+        for i in range(5):
+            won = await asyncio.gather(
+                a.claim_job(f"{i:064x}", "thumbnail", "runner-a", 30),
+                b.claim_job(f"{i:064x}", "thumbnail", "runner-b", 30),
+                a.claim_job(f"{i:064x}", "thumbnail", "runner-c", 30),
+            )
+            winners = [job for job in won if job is not None]
+            assert len(winners) == 1, won
+            assert winners[0].attempts == 1
+            state = await a.job_state(f"{i:064x}", "thumbnail")
+            assert state["state"] == "running"
+            assert state["runner"] in {"runner-a", "runner-b", "runner-c"}
+
+
+async def test_a_lapsed_lease_can_be_claimed_by_another_runner(store):
+    await add_image(store, "img")
+    first = await store.claim_job(SHA, "exif", "runner-a", lease_s=0.05)
+    assert first is not None and first.attempts == 1
+    assert await store.claim_job(SHA, "exif", "runner-b", lease_s=30) is None  # still held
+    await asyncio.sleep(0.1)
+    second = await store.claim_job(SHA, "exif", "runner-b", lease_s=30)
+    assert second is not None and second.attempts == 2
+    assert (await store.job_state(SHA, "exif"))["runner"] == "runner-b"
+    # The runner that lost the job cannot finish it, retry it or renew it.
+    assert await store.finish_job(SHA, "exif", "runner-a", "done") is False
+    assert await store.retry_job(SHA, "exif", "runner-a", "boom", 0) is False
+    assert await store.renew_leases("runner-a", [(SHA, "exif")], 30) == 0
+    assert (await store.job_state(SHA, "exif"))["state"] == "running"
+    assert await store.finish_job(SHA, "exif", "runner-b", "done") is True
+    final = await store.job_state(SHA, "exif")
+    assert final["state"] == "done" and final["runner"] is None
+
+
+async def test_renewed_lease_keeps_the_job(store):
+    await add_image(store, "img")
+    assert await store.claim_job(SHA, "thumbnail", "runner-a", lease_s=0.2) is not None
+    for _ in range(3):
+        await asyncio.sleep(0.1)
+        assert await store.renew_leases("runner-a", [(SHA, "thumbnail")], 0.2) == 1
+    assert await store.claim_job(SHA, "thumbnail", "runner-b", lease_s=30) is None
+    assert await store.release_lapsed() == []
+
+
+async def test_stats_row_closes_when_the_last_job_finishes(store, db_path):
+    await add_image(store, "one")
+    await add_image(store, "two")  # same bytes: shares the jobs
+    assert rows(db_path, "SELECT count(*) FROM jobs") == [(3,)]
+    open_rows = "SELECT count(*) FROM stats WHERE end_time IS NULL"
+    for kind in ("thumbnail", "exif"):
+        assert await store.claim_job(SHA, kind, "r", 30) is not None
+        assert await store.finish_job(SHA, kind, "r", "done")
+        assert rows(db_path, open_rows) == [(2,)]
+    assert await store.claim_job(SHA, "caption", "r", 30) is not None
+    assert await store.finish_job(SHA, "caption", "r", "failed", "no model")
+    assert rows(db_path, open_rows) == [(0,)]
+    assert (await store.job_state(SHA, "caption"))["error"] == "no model"
+
+
+# -- closing and concurrency --------------------------------------------------------------------
+
+
+async def test_close_twice_is_fine(db_path):
+    s = await Store(db_path).open()
+    await s.close()
+    await s.close()
+    with pytest.raises(RuntimeError):
+        async with s.transaction():
+            pass
+
+
+async def test_concurrent_transactions_never_interleave(store, db_path):
+    async with store.transaction() as conn:
+        await conn.execute("CREATE TABLE counter (n INTEGER NOT NULL)")
+        await conn.execute("INSERT INTO counter VALUES (0)")
+
+    async def bump(s: Store) -> None:
+        async with s.transaction() as conn:
+            (n,) = (await conn.execute_fetchall("SELECT n FROM counter"))[0]
+            await asyncio.sleep(0)  # every other coroutine gets its chance to interleave here
+            await conn.execute("UPDATE counter SET n = ?", (n + 1,))
+
+    await asyncio.gather(*(bump(store) for _ in range(50)))
+    assert rows(db_path, "SELECT n FROM counter") == [(50,)]
+    # A second store on the same file (another process, in effect) is serialised as well.
+    async with opened(db_path) as other:
+        await asyncio.gather(*(bump(s) for _ in range(25) for s in (store, other)))
+    assert rows(db_path, "SELECT n FROM counter") == [(100,)]
+
+
+async def test_failed_transaction_rolls_back_and_frees_the_writer(store, db_path):
+    with pytest.raises(ZeroDivisionError):
+        async with store.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO metadata (sha256, width, height, format, size_bytes)"
+                " VALUES (?, 1, 1, 'png', 1)",
+                (SHA2,),
+            )
+            _ = 1 / 0
+    assert rows(db_path, "SELECT count(*) FROM metadata") == [(0,)]
+    assert await add_image(store, "after") is True
+
+
+async def test_delete_image_drops_shared_rows_with_the_last_reference(store, db_path):
+    await add_image(store, "one")
+    await add_image(store, "two")
+    first = await store.delete_image("one")
+    assert first is not None and first.sha256 == SHA and first.last_reference is False
+    assert rows(db_path, "SELECT count(*) FROM metadata") == [(1,)]
+    last = await store.delete_image("two")
+    assert last is not None and last.last_reference is True
+    for table in ("metadata", "jobs", "images", "stats"):
+        assert rows(db_path, f"SELECT count(*) FROM {table}") == [(0,)], table
+    assert await store.delete_image("two") is None
