@@ -63,7 +63,10 @@ class LocalRunner:
             except Exception:
                 log.exception("in-process runner could not read due jobs; retrying")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.idle_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancellation
+                # that close() sends when a wake-up lands in the same loop iteration.
+                async with asyncio.timeout(self.idle_s):
+                    await self._wake.wait()
 
     async def _fill(self) -> None:
         free = self.concurrency - len(self._tasks)
@@ -161,7 +164,8 @@ class ArqQueue:
 
     async def ping(self) -> str:
         try:
-            await asyncio.wait_for(self.redis.ping(), 2)
+            async with asyncio.timeout(2):
+                await self.redis.ping()
         except Exception as exc:
             return f"error: {type(exc).__name__}: {exc}"
         return "ok"

@@ -31,6 +31,7 @@ import records
 import settings as settings_mod
 import uploads
 from jobs import Jobs
+from logs import setup_logging
 from settings import Settings
 from store import Store, now_iso
 
@@ -132,8 +133,23 @@ def _remove_unknown(folder: Path, known: set[str], cutoff: float) -> int:
 
 
 async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The upload body as it arrives. Sanic's REQUEST_TIMEOUT stops applying once a streaming
+    handler runs, so silence (REQUEST_TIMEOUT) and the whole body (UPLOAD_TIMEOUT) are timed here:
+    a stalled or trickling client gets a 408 instead of holding the connection."""
+    cfg: Settings = request.app.ctx.settings
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.upload_timeout
     while True:
-        chunk = await request.stream.read()
+        wait = min(cfg.request_timeout, deadline - loop.time())
+        try:
+            async with asyncio.timeout(max(wait, 0)):
+                chunk = await request.stream.read()
+        except TimeoutError:
+            if loop.time() >= deadline:
+                message = f"upload not received within UPLOAD_TIMEOUT ({cfg.upload_timeout:g} s)"
+            else:
+                message = f"no data from the client for {cfg.request_timeout:g} s"
+            raise imaging.Rejected(408, message) from None
         if chunk is None:
             return
         yield chunk
@@ -213,6 +229,10 @@ async def upload(request: Request) -> HTTPResponse:
         received.temp_path = None  # renamed into place; nothing left to discard
     except imaging.Rejected as exc:
         received.discard()
+        if exc.status == 408:
+            # Do not wait for the rest of a body that is not coming: close after the answer.
+            request.stream.request_max_size = 0
+            request.stream.keep_alive = False
         return await record_failure(
             request, image_id, received.original_name, start_time, exc.status, exc.message
         )
@@ -255,9 +275,8 @@ async def upload(request: Request) -> HTTPResponse:
         raise
     if dispatch:
         app.ctx.jobs.submit(received.sha256)
-    row = await store.get_record(image_id)
-    jobs = await store.jobs_of([received.sha256])
-    body = records.record(row, jobs.get(received.sha256, {}), base_url(request))
+    row, jobs = await store.record_with_jobs(image_id)
+    body = records.record(row, jobs, base_url(request))
     return json_response(body, status=201, headers={"Location": f"/api/images/{image_id}"})
 
 
@@ -297,10 +316,9 @@ async def list_images(request: Request) -> HTTPResponse:
         before = records.decode_cursor(args.get("cursor", ""))
         if before is None:
             raise ApiError(400, "cursor is not valid: use the Link header of the previous page")
-    rows = await store.list_records(limit=limit + 1, before=before, status=status)
+    rows, jobs = await store.page_with_jobs(limit=limit + 1, before=before, status=status)
     more = len(rows) > limit
     rows = rows[:limit]
-    jobs = await store.jobs_of(r["sha256"] for r in rows if r["sha256"])
     base = base_url(request)
     body = [records.record(r, jobs.get(r["sha256"], {}), base) for r in rows]
     headers = {}
@@ -323,10 +341,10 @@ async def load_record(request: Request, image_id: str) -> Any:
 
 
 async def get_image(request: Request, image_id: str) -> HTTPResponse:
-    store: Store = request.app.ctx.store
-    row = await load_record(request, image_id)
-    jobs = await store.jobs_of([row["sha256"]]) if row["sha256"] else {}
-    return json_response(records.record(row, jobs.get(row["sha256"], {}), base_url(request)))
+    row, jobs = await request.app.ctx.store.record_with_jobs(image_id)
+    if row is None:
+        raise ApiError(404, f"no image with id {image_id!r}")
+    return json_response(records.record(row, jobs, base_url(request)))
 
 
 async def get_thumbnail(request: Request, image_id: str, size: str) -> HTTPResponse:
@@ -428,7 +446,8 @@ async def healthz(request: Request) -> HTTPResponse:
     checks: dict[str, str] = {}
     healthy = True
     try:
-        await asyncio.wait_for(request.app.ctx.store.ping(), 2)
+        async with asyncio.timeout(2):
+            await request.app.ctx.store.ping()
         checks["database"] = "ok"
     except Exception as exc:
         healthy = False
@@ -470,6 +489,8 @@ def create_app(settings: Settings | None = None, *, own_resources: bool = True) 
     app = Sanic("imgapi", dumps=lambda v: records.dumps(v).decode())
     app.ctx.settings = cfg
     app.config.REQUEST_TIMEOUT = cfg.request_timeout
+    # Uploads time their own body (body_chunks); Sanic's response timer must not fire first.
+    app.config.RESPONSE_TIMEOUT = cfg.upload_timeout + cfg.request_timeout + 60
     # Streamed uploads enforce their own cap. After an early 413 Sanic reads and drops the rest of
     # the body up to this size before closing, so a client that sends its whole body before
     # reading the answer (most do) gets the 413 rather than a connection reset; past it, the
@@ -515,17 +536,6 @@ def create_app(settings: Settings | None = None, *, own_resources: bool = True) 
         app.before_server_start(open_resources)
         app.after_server_stop(close_resources)
     return app
-
-
-def setup_logging(level: str) -> None:
-    """imgapi's own loggers get one handler; Sanic keeps its own (root would print twice)."""
-    logger = logging.getLogger("imgapi")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from arq.worker import Worker
 import dispatch
 import imaging
 import settings as settings_mod
+from logs import setup_logging
 from settings import Settings
 from store import JOB_KINDS, Store
 
@@ -253,7 +254,7 @@ def worker_options(cfg: Settings) -> dict[str, Any]:
 async def worker_startup(ctx: dict[str, Any]) -> None:
     """`arq jobs.WorkerSettings`: this process's store, runtime and sweeper."""
     cfg = settings_mod.load()
-    logging.getLogger("imgapi").setLevel(cfg.log_level.upper())
+    setup_logging(cfg.log_level)
     store = await Store(cfg.db_path).open()
     runtime = Runtime(cfg, store)
     queue = dispatch.ArqQueue(cfg.redis_url, cfg.arq_queue, redis=ctx["redis"])

@@ -153,6 +153,7 @@ PATHS: dict[str, Any] = {
                 },
                 "400": _error("not a valid image, or a malformed form"),
                 "413": _error("file or pixel count over the limit"),
+                "408": _error("the body did not arrive in time (REQUEST_TIMEOUT, UPLOAD_TIMEOUT)"),
                 "415": _error("file type or content type not allowed"),
             },
         },

@@ -116,7 +116,13 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         _public_url,
         "base of the absolute URLs in responses (default: from the request's Host header)",
     ),
-    ("REQUEST_TIMEOUT", "60", _positive_float, "seconds a client may take to send a request"),
+    (
+        "REQUEST_TIMEOUT",
+        "60",
+        _positive_float,
+        "seconds a client may stay silent while sending a request (headers, or within an upload)",
+    ),
+    ("UPLOAD_TIMEOUT", "600", _positive_float, "seconds an upload's whole body may take"),
     (
         "CAPTION_MODEL",
         "Salesforce/blip-image-captioning-base",
@@ -165,6 +171,7 @@ class Settings:
     max_pixels: int
     public_url: str
     request_timeout: float
+    upload_timeout: float
     caption_model: str
     caption_device: str
     caption_batch: int

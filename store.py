@@ -177,6 +177,16 @@ class Store:
             await conn.execute("COMMIT")
 
     @contextlib.asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A reader inside one read transaction: every SELECT sees the same committed state."""
+        async with self._reader() as conn:
+            await conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                await conn.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
     async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
         conn = await self._readers.get()
         try:
@@ -308,35 +318,35 @@ class Store:
         self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
     ) -> list[sqlite3.Row]:
         """Newest first; `before` is the (processed_at, image_id) of the last row already seen."""
-        where: list[str] = []
-        params: list[Any] = []
-        if status == "success":
-            where.append("i.error IS NULL")
-        elif status == "failed":
-            where.append("i.error IS NOT NULL")
-        if before is not None:
-            where.append("(i.processed_at, i.image_id) < (?, ?)")
-            params.extend(before)
-        sql = _RECORD_SELECT
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY i.processed_at DESC, i.image_id DESC LIMIT ?"
-        params.append(limit)
-        return await self._fetchall(sql, params)
+        return await self._fetchall(*_page_query(limit, before, status))
 
     async def jobs_of(self, sha256s: Iterable[str]) -> dict[str, dict[str, sqlite3.Row]]:
-        unique = sorted(set(sha256s))
-        if not unique:
-            return {}
-        marks = ",".join("?" * len(unique))
-        rows = await self._fetchall(
-            f"SELECT sha256, kind, state, attempts, error FROM jobs WHERE sha256 IN ({marks})",
-            unique,
-        )
-        out: dict[str, dict[str, sqlite3.Row]] = {}
-        for row in rows:
-            out.setdefault(row["sha256"], {})[row["kind"]] = row
-        return out
+        async with self._reader() as conn:
+            return await _jobs_of(conn, sha256s)
+
+    # A record and its job states are read in one snapshot: read apart, a job could show "done"
+    # while its result (EXIF, caption) still read as missing.
+
+    async def record_with_jobs(
+        self, image_id: str
+    ) -> tuple[sqlite3.Row | None, dict[str, sqlite3.Row]]:
+        async with self._snapshot() as conn:
+            rows = await conn.execute_fetchall(
+                _RECORD_SELECT + " WHERE i.image_id = ?", (image_id,)
+            )
+            if not rows:
+                return None, {}
+            row = next(iter(rows))
+            jobs = await _jobs_of(conn, [row["sha256"]] if row["sha256"] else [])
+        return row, jobs.get(row["sha256"], {})
+
+    async def page_with_jobs(
+        self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
+    ) -> tuple[list[sqlite3.Row], dict[str, dict[str, sqlite3.Row]]]:
+        async with self._snapshot() as conn:
+            rows = list(await conn.execute_fetchall(*_page_query(limit, before, status)))
+            jobs = await _jobs_of(conn, [r["sha256"] for r in rows if r["sha256"]])
+        return rows, jobs
 
     async def stats(self) -> dict[str, Any]:
         row = await self._fetchone(
@@ -525,6 +535,43 @@ _RECORD_SELECT = (
     " m.width, m.height, m.format, m.size_bytes, m.first_upload, m.exif_json, m.caption"
     " FROM images i LEFT JOIN metadata m ON m.sha256 = i.metadata_sha256"
 )
+
+
+def _page_query(
+    limit: int, before: tuple[str, str] | None, status: str | None
+) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if status == "success":
+        where.append("i.error IS NULL")
+    elif status == "failed":
+        where.append("i.error IS NOT NULL")
+    if before is not None:
+        where.append("(i.processed_at, i.image_id) < (?, ?)")
+        params.extend(before)
+    sql = _RECORD_SELECT
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY i.processed_at DESC, i.image_id DESC LIMIT ?"
+    params.append(limit)
+    return sql, params
+
+
+async def _jobs_of(
+    conn: aiosqlite.Connection, sha256s: Iterable[str]
+) -> dict[str, dict[str, sqlite3.Row]]:
+    unique = sorted(set(sha256s))
+    if not unique:
+        return {}
+    marks = ",".join("?" * len(unique))
+    rows = await conn.execute_fetchall(
+        f"SELECT sha256, kind, state, attempts, error FROM jobs WHERE sha256 IN ({marks})",
+        unique,
+    )
+    out: dict[str, dict[str, sqlite3.Row]] = {}
+    for row in rows:
+        out.setdefault(row["sha256"], {})[row["kind"]] = row
+    return out
 
 
 async def _pending_jobs(conn: aiosqlite.Connection, sha256: str) -> int:

@@ -59,14 +59,20 @@ def temp_owner() -> str:
 
 
 def clean_name(raw: str) -> str:
-    """The client's file name as text to store and show: no control characters, bounded."""
-    name = "".join(ch for ch in raw if unicodedata.category(ch)[0] != "C")
-    return name.strip()[:MAX_NAME_CHARS]
+    """The client's file name as text to store and show: no control characters, bounded.
+    A long name is cut in the middle so that its extension stays."""
+    name = "".join(ch for ch in raw if unicodedata.category(ch)[0] != "C").strip()
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    ext = os.path.splitext(name)[1][:16]
+    return name[: MAX_NAME_CHARS - len(ext)] + ext
 
 
 def boundary_of(content_type: str | None) -> bytes:
     if not content_type:
         raise Rejected(415, "expected a multipart/form-data body with a `file` field")
+    if not content_type.isascii():  # header values and multipart boundaries are ASCII
+        raise Rejected(400, "Content-Type header is not ASCII")
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data":
         got = ctype.decode("latin-1")

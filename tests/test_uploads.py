@@ -181,9 +181,9 @@ async def test_raw_cr_lf_in_a_file_name_never_reaches_the_name(tmp_dir):
         received.discard()
 
 
-async def test_long_file_name_is_cut_to_255_characters(tmp_dir):
+async def test_long_file_name_is_cut_to_255_characters_keeping_its_extension(tmp_dir):
     name = await name_of(tmp_dir, b'"' + b"x" * 996 + b'.jpg"')
-    assert name == "x" * uploads.MAX_NAME_CHARS
+    assert name == "x" * (uploads.MAX_NAME_CHARS - 4) + ".jpg"
     assert uploads.MAX_NAME_CHARS == 255
 
 
