@@ -259,4 +259,8 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    # A killed process lingers as a zombie until its parent reaps it: it writes nothing more.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
     return True

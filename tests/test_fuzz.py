@@ -1,0 +1,243 @@
+"""Property-based fuzzing of the upload endpoint of a real API process (mode 1: jobs in the API
+process, so accepted fuzz also goes through thumbnails and EXIF): valid JPEG and PNG bytes with
+random damage, and valid multipart bodies with damaged framing. The property: never a 5xx, always
+the JSON answer shape, and the service (and its jobs) still fine afterwards."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import ExifTags, Image, ImageDraw
+from procs import Proc, start_api
+
+pytestmark = [pytest.mark.slow]
+
+# About 5 ms per example here: the two tests together take some 20 s on 2 busy cores.
+IMAGE_EXAMPLES = 1500
+FRAMING_EXAMPLES = 1000
+
+
+def fuzz_settings(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def seed_jpeg() -> bytes:
+    image = Image.new("RGB", (96, 64), (30, 90, 200))
+    ImageDraw.Draw(image).rectangle((10, 10, 60, 40), fill=(250, 200, 0))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "fuzz"
+    exif[ExifTags.Base.Orientation] = 6
+    exif[ExifTags.IFD.GPSInfo] = {1: "N", 2: (1.0, 2.0, 3.0), 3: "W", 4: (4.0, 5.0, 6.0)}
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80, exif=exif)
+    return buffer.getvalue()
+
+
+def seed_progressive_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (70, 50), 128).save(buffer, "JPEG", progressive=True)
+    return buffer.getvalue()
+
+
+def seed_png() -> bytes:
+    image = Image.new("RGBA", (48, 40), (0, 120, 60, 128))
+    ImageDraw.Draw(image).ellipse((5, 5, 30, 30), fill=(255, 0, 0, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data = buffer.getvalue()
+    # A tEXt chunk before IEND, so chunk-level damage has metadata to land in.
+    text = b"Comment\x00fuzz"
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text
+    chunk += struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    return data[:-12] + chunk + data[-12:]
+
+
+SEEDS = {"jpeg": seed_jpeg(), "progressive": seed_progressive_jpeg(), "png": seed_png()}
+
+
+@st.composite
+def damaged(draw: st.DrawFn, data: bytes, keep: int = 0) -> bytes:
+    """`data` with one to four random edits: bit flips, overwrites, inserts, cuts, truncation.
+    Most of the time the first `keep` bytes (the magic number) are left alone, so that the damage
+    reaches the decoders rather than the cheap signature check."""
+    out = bytearray(data)
+    low = draw(st.sampled_from([keep, keep, keep, 0]))
+    for _ in range(draw(st.integers(1, 4))):
+        if len(out) <= low:
+            break
+        kind = draw(st.sampled_from(["flip", "overwrite", "insert", "delete", "truncate", "dup"]))
+        at = draw(st.integers(low, len(out) - 1))
+        if kind == "flip":
+            out[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "overwrite":
+            patch = draw(st.binary(min_size=1, max_size=16))
+            out[at : at + len(patch)] = patch
+        elif kind == "insert":
+            out[at:at] = draw(st.binary(min_size=1, max_size=64))
+        elif kind == "delete":
+            del out[at : at + draw(st.integers(1, 64))]
+        elif kind == "truncate":
+            del out[at:]
+        else:
+            length = draw(st.integers(1, 128))
+            out[at:at] = out[at : at + length]
+    return bytes(out)
+
+
+@dataclass
+class Live:
+    api: Proc
+    env: dict[str, str]
+    statuses: dict[int, int]
+
+    def open_jobs(self) -> int:
+        conn = sqlite3.connect(f"file:{self.env['DB_PATH']}?mode=ro", uri=True, timeout=30)
+        try:
+            return conn.execute(
+                "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
+            ).fetchone()[0]
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    root = tmp_path_factory.mktemp("fuzz")
+    env = {
+        "DB_PATH": str(root / "data" / "imgapi.db"),
+        "MEDIA_DIR": str(root / "media"),
+        "CAPTION_MODEL": "none",
+        "MAX_UPLOAD_BYTES": "1000000",
+        "MAX_PIXELS": "4000000",
+        "REQUEST_TIMEOUT": "5",
+        "ARQ_QUEUE": f"imgapi-test:{uuid.uuid4().hex}",
+        "LOG_LEVEL": "warning",
+    }
+    api = start_api(env, root / "api.log")
+    try:
+        yield Live(api, env, {})
+    finally:
+        api.kill()
+
+
+@pytest.fixture(scope="module")
+def http(live: Live) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.api.url, timeout=30) as client:
+        yield client
+
+
+def check_answer(live: Live, res: httpx.Response) -> None:
+    live.statuses[res.status_code] = live.statuses.get(res.status_code, 0) + 1
+    assert res.status_code < 500, (res.status_code, res.text[:500])
+    assert res.headers["content-type"] == "application/json", res.headers
+    body = res.json()
+    if res.status_code == 201:
+        assert body["status"] == "success" and body["error"] is None
+    else:
+        assert 400 <= res.status_code < 500, res.status_code
+        assert body["status"] == "failed" and isinstance(body["error"], str) and body["error"]
+
+
+@fuzz_settings(IMAGE_EXAMPLES)
+@given(
+    seed=st.sampled_from(sorted(SEEDS)),
+    data=st.data(),
+    # Mostly names and types that pass the cheap checks, so that most damage is decoded.
+    name=st.sampled_from(["a.jpg", "a.png", "a.jpeg", "a.JPG", "a.jpg", "a.png", "a.gif", "x"]),
+    content_type=st.sampled_from(["image/jpeg", "image/png", "application/octet-stream", ""]),
+)
+def test_damaged_images_never_5xx(
+    live: Live, http: httpx.Client, seed: str, data: st.DataObject, name: str, content_type: str
+) -> None:
+    body = data.draw(damaged(SEEDS[seed], keep=8 if seed == "png" else 3))
+    part = (name, body, content_type) if content_type else (name, body)
+    check_answer(live, http.post("/api/images", files={"file": part}))
+
+
+def multipart(boundary: bytes, payload: bytes, filename: bytes = b"a.jpg") -> bytes:
+    return (
+        b"--" + boundary + b"\r\n"
+        b'Content-Disposition: form-data; name="file"; filename="' + filename + b'"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + payload + b"\r\n--" + boundary + b"--\r\n"
+    )
+
+
+@fuzz_settings(FRAMING_EXAMPLES)
+@given(
+    data=st.data(),
+    boundary=st.binary(min_size=1, max_size=80).filter(lambda b: b"\r" not in b),
+    header_boundary=st.one_of(
+        st.none(),
+        st.binary(min_size=0, max_size=80).map(lambda b: b.decode("latin-1")),
+    ),
+    quoted=st.booleans(),
+    extra=st.sampled_from(["", "; charset=utf-8", "; boundary=second", ";;", "; x"]),
+    mime=st.sampled_from(["multipart/form-data", "MULTIPART/FORM-DATA", "multipart/mixed"]),
+    filename=st.binary(max_size=40),
+    where=st.sampled_from(["head", "tail", "anywhere", "none"]),
+)
+def test_damaged_multipart_framing_never_5xx(
+    live: Live,
+    http: httpx.Client,
+    data: st.DataObject,
+    boundary: bytes,
+    header_boundary: str | None,
+    quoted: bool,
+    extra: str,
+    mime: str,
+    filename: bytes,
+    where: str,
+) -> None:
+    """The boundary (in the header and in the body, equal or not), the Content-Type around it,
+    the part's file name and the framing bytes themselves are all fuzzed."""
+    body = multipart(boundary, SEEDS["jpeg"], filename.replace(b'"', b"").replace(b"\r", b""))
+    if where != "none":
+        # The damage lands in the framing: the first 150 bytes, the last 60, or anywhere.
+        start, end = {"head": (0, 150), "tail": (-60, None), "anywhere": (0, None)}[where]
+        region = body[start:end]
+        region = data.draw(damaged(region)) if region else region
+        body = body[:start] + region + (body[end:] if end is not None else b"")
+    value = boundary.decode("latin-1") if header_boundary is None else header_boundary
+    if quoted:
+        value = '"' + value.replace('"', "") + '"'
+    content_type = f"{mime}; boundary={value}{extra}"
+    # httpx (h11) sends no control characters and no whitespace at either end of a header value;
+    # other bytes go as they are (latin-1), non-ASCII included.
+    raw_type = (
+        "".join(ch for ch in content_type if ch == "\t" or " " <= ch != "\x7f")
+        .strip(" \t")
+        .encode("latin-1")
+    )
+    try:
+        res = http.post("/api/images", content=body, headers={"Content-Type": raw_type})
+    except httpx.RemoteProtocolError as exc:
+        pytest.fail(f"the server dropped the connection: {exc}")
+    check_answer(live, res)
+
+
+def test_service_fine_after_fuzzing(live: Live, http: httpx.Client) -> None:
+    """Runs after the two fuzz tests (file order): every job of what they got accepted finished,
+    the API is alive and healthy, and nothing reached its unhandled-error path."""
+    deadline = time.monotonic() + 60
+    while live.open_jobs():
+        assert time.monotonic() < deadline, "jobs of fuzzed uploads still open after 60 s"
+        time.sleep(0.2)
+    assert live.api.popen.poll() is None
+    assert http.get("/healthz").status_code == 200
+    assert "unhandled error" not in live.api.output()
+    print(f"RELIABILITY fuzz answers by status: {dict(sorted(live.statuses.items()))}")
