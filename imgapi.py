@@ -563,7 +563,11 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         single_process=args.workers == 1 and not args.dev,
     )
-    Sanic.serve(primary=app, app_loader=loader)
+    if args.workers == 1 and not args.dev:
+        # One process: Sanic.serve would still add a manager process (and its memory).
+        Sanic.serve_single(primary=app)
+    else:
+        Sanic.serve(primary=app, app_loader=loader)
     return 0
 
 

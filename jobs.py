@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,13 @@ class PermanentError(Exception):
     """A job error that running the job again cannot fix."""
 
 
+def _yield_cpu() -> None:
+    """Job threads run at a lower CPU priority (on Linux nice is per thread): where jobs share a
+    process or machine with the API, uploads and the event loop get the cores first."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class Runtime:
     """What one process needs to run jobs, and the bookkeeping around each run."""
 
@@ -55,7 +63,9 @@ class Runtime:
         self.store = store
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.cpu = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 2, thread_name_prefix="imgapi-job"
+            max_workers=os.cpu_count() or 2,
+            thread_name_prefix="imgapi-job",
+            initializer=_yield_cpu,
         )
         self._running: set[tuple[str, str]] = set()
         self._heartbeat: asyncio.Task | None = None

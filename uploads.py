@@ -189,7 +189,8 @@ class _Receiver:
                 400, f"no `{FIELD}` part in the form (send it with -F {FIELD}=@photo.jpg)"
             )
         assert result._file is not None
-        result._file.flush()
+        result._file.close()
+        result._file = None
         result.sha256 = self._hash.hexdigest()
         return result
 
