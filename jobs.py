@@ -256,6 +256,9 @@ def worker_options(cfg: Settings) -> dict[str, Any]:
         "keep_result": 0,  # results live in the jobs table; a finished id may be enqueued again
         "max_tries": ARQ_MAX_TRIES,
         "health_check_interval": 5,
+        # One key per worker host: scaled workers share a queue, and a worker that stops deletes
+        # its key (`arq --check` runs in the worker's own container, so it reads the same name).
+        "health_check_key": f"{cfg.arq_queue}:health-check:{socket.gethostname()}",
         "on_startup": worker_startup,
         "on_shutdown": worker_shutdown,
     }
