@@ -1,0 +1,495 @@
+"""Jobs in-process (no REDIS_URL) and the job semantics: states, retries, failures, recovery.
+
+The helpers at the top are shared with test_jobs_arq.py and test_exif_thumbs_jobs.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import corpus_folder, multipart, wait_for
+from PIL import Image
+from sanic import Sanic
+from sanic_testing.testing import SanicASGITestClient
+
+import imaging
+import imgapi
+import jobs
+from settings import Settings
+
+FINISHED = ("done", "failed", "skipped")
+# A small camera JPEG with EXIF (Make FUJIFILM), 1200x800: both thumbnail sizes are real resizes.
+SMALL_PHOTO = "fujifilm-x100f-seed.jpg"
+
+
+# -- shared helpers ----------------------------------------------------------------------------
+
+
+def photo_bytes(name: str) -> bytes:
+    return (corpus_folder("photos") / name).read_bytes()
+
+
+def unique_jpeg(data: bytes, tag: str | None = None) -> bytes:
+    """The same JPEG with a COM segment after SOI: new bytes (new sha256), same pixels."""
+    payload = (tag or uuid.uuid4().hex).encode()
+    assert data[:2] == b"\xff\xd8", "not a JPEG"
+    return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+@contextlib.asynccontextmanager
+async def running_app(cfg: Settings) -> AsyncIterator[Sanic]:
+    """Like conftest's `app` fixture, but one a test can stop and start again on the same DB."""
+    Sanic.test_mode = True
+    application = imgapi.create_app(cfg, own_resources=False)
+    await imgapi.open_resources(application)
+    try:
+        yield application
+    finally:
+        await imgapi.close_resources(application)
+        Sanic._app_registry.pop(application.name, None)
+
+
+def db_rows(cfg: Settings, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    """Reads the app's database directly, on a connection of its own."""
+    conn = sqlite3.connect(cfg.db_path, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        return list(conn.execute(sql, tuple(params)))
+    finally:
+        conn.close()
+
+
+def db_write(cfg: Settings, sql: str, params: Iterable[Any] = ()) -> int:
+    conn = sqlite3.connect(cfg.db_path, timeout=30)
+    try:
+        with conn:
+            return conn.execute(sql, tuple(params)).rowcount
+    finally:
+        conn.close()
+
+
+def job_rows(cfg: Settings, sha256: str) -> dict[str, sqlite3.Row]:
+    rows = db_rows(cfg, "SELECT * FROM jobs WHERE sha256 = ?", (sha256,))
+    return {row["kind"]: row for row in rows}
+
+
+async def upload(
+    client: SanicASGITestClient, data: bytes, name: str = "photo.jpg", status: int = 201
+) -> dict:
+    content_type = "image/png" if name.endswith(".png") else "image/jpeg"
+    _, res = await client.post("/api/images", files=multipart(data, name, content_type))
+    assert res.status == status, res.text
+    return res.json
+
+
+async def get_record(client: SanicASGITestClient, image_id: str) -> dict:
+    _, res = await client.get(f"/api/images/{image_id}")
+    assert res.status == 200, res.text
+    return res.json
+
+
+async def wait_jobs(
+    client: SanicASGITestClient,
+    image_id: str,
+    kinds: Iterable[str] = ("thumbnail", "exif"),
+    states: Iterable[str] = FINISHED,
+    within: float = 30,
+) -> dict:
+    """Polls the record until each of `kinds` is in one of `states`; returns the last record."""
+    kinds, states = tuple(kinds), tuple(states)
+    seen: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        seen["record"] = await get_record(client, image_id)
+        job_states = seen["record"]["data"]["jobs"]
+        return all(job_states[kind]["state"] in states for kind in kinds)
+
+    await wait_for(reached, within)
+    return seen["record"]
+
+
+def original_path(cfg: Settings, image_id: str) -> Path:
+    (path,) = cfg.originals_dir.glob(f"{image_id}.*")
+    return path
+
+
+def thumbnail_files(cfg: Settings, sha256: str) -> dict[str, Path]:
+    return {
+        size: imaging.thumbnail_path(cfg.thumbnails_dir, size, sha256)
+        for size in ("small", "medium")
+    }
+
+
+# -- mode 1: jobs in the API process ----------------------------------------------------------
+
+
+async def test_upload_runs_its_jobs_in_process(client: SanicASGITestClient, cfg: Settings) -> None:
+    assert not cfg.redis_url and cfg.worker == "inline"
+    body = await upload(client, photo_bytes(SMALL_PHOTO), "x100f.jpg")
+    data = body["data"]
+    assert data["jobs"]["caption"] == {
+        "state": "skipped",
+        "attempts": 0,
+        "error": jobs.CAPTIONS_OFF,
+    }
+    assert data["jobs"]["thumbnail"]["state"] in ("queued", "running", "done")
+
+    record = await wait_jobs(client, data["image_id"], states=("done",))
+    job_states = record["data"]["jobs"]
+    for kind in ("thumbnail", "exif"):
+        assert job_states[kind] == {"state": "done", "attempts": 1}, job_states
+    assert job_states["caption"]["state"] == "skipped"
+
+    sha256 = record["data"]["metadata"]["sha256"]
+    expected = {"small": (256, 171), "medium": (768, 512)}
+    for size, path in thumbnail_files(cfg, sha256).items():
+        with Image.open(path) as im:
+            assert im.format == "JPEG"
+            assert im.size == expected[size]
+            assert not im.getexif()  # nothing of the original's metadata is carried over
+
+    exif = record["data"]["metadata"]["exif"]
+    assert isinstance(exif, dict)
+    assert exif["Make"] == "FUJIFILM"
+
+    (stats_row,) = db_rows(cfg, "SELECT * FROM stats WHERE image_id = ?", (data["image_id"],))
+    assert stats_row["status"] == 1
+    assert stats_row["end_time"] is not None
+    assert stats_row["end_time"] > stats_row["start_time"]  # RFC 3339 UTC sorts as text
+
+    _, res = await client.get("/api/stats")
+    assert res.status == 200
+    stats = res.json
+    average = stats["average_processing_time_seconds"]
+    assert isinstance(average, float | int) and not isinstance(average, bool)
+    assert average > 0
+    assert stats["total"] == 1 and stats["failed"] == 0
+    assert stats["jobs"] == {"queued": 0, "running": 0, "done": 2, "failed": 0, "skipped": 1}
+
+
+async def test_duplicate_upload_runs_no_new_jobs(
+    client: SanicASGITestClient, cfg: Settings
+) -> None:
+    data = unique_jpeg(photo_bytes(SMALL_PHOTO))
+    first = await upload(client, data)
+    first_id = first["data"]["image_id"]
+    sha256 = first["data"]["metadata"]["sha256"]
+    done = await wait_jobs(client, first_id, states=("done",))
+    thumbs = thumbnail_files(cfg, sha256)
+    before = {size: path.stat() for size, path in thumbs.items()}
+
+    second = await upload(client, data, "again.jpg")
+    second_data = second["data"]
+    assert second_data["image_id"] != first_id
+    assert second_data["metadata"]["sha256"] == sha256
+    # Complete at once: the finished jobs and their results are the first upload's.
+    assert second_data["jobs"] == done["data"]["jobs"]
+    assert second_data["metadata"]["exif"] == done["data"]["metadata"]["exif"]
+    assert second_data["metadata"]["exif"]["Make"] == "FUJIFILM"
+    (stats_row,) = db_rows(
+        cfg, "SELECT end_time FROM stats WHERE image_id = ?", (second_data["image_id"],)
+    )
+    assert stats_row["end_time"] is not None
+
+    await asyncio.sleep(cfg.sweep_seconds * 3)  # time for a runner to (wrongly) pick something up
+    rows = job_rows(cfg, sha256)
+    assert {kind: row["attempts"] for kind, row in rows.items()} == {
+        "thumbnail": 1,
+        "exif": 1,
+        "caption": 0,
+    }
+    for size, path in thumbs.items():
+        after = path.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before[size].st_ino, before[size].st_mtime_ns)
+
+
+async def test_duplicates_uploaded_together_share_one_run(
+    client: SanicASGITestClient, cfg: Settings
+) -> None:
+    data = unique_jpeg(photo_bytes("samsung-s7-12mp-gps-orient6.jpg"))
+    bodies = await asyncio.gather(*(upload(client, data, f"copy{i}.jpg") for i in range(3)))
+    sha256 = bodies[0]["data"]["metadata"]["sha256"]
+    for body in bodies:
+        await wait_jobs(client, body["data"]["image_id"], states=("done",))
+    rows = job_rows(cfg, sha256)
+    assert len(rows) == 3
+    assert rows["thumbnail"]["attempts"] == 1 and rows["exif"]["attempts"] == 1
+    ends = db_rows(cfg, "SELECT end_time FROM stats WHERE status = 1")
+    assert len(ends) == 3 and all(row["end_time"] for row in ends)
+
+
+# -- job semantics, one run at a time (WORKER=off: no runner competes with the test's own) -----
+
+
+@pytest.fixture
+async def quiet_app(make_settings: Callable[..., Settings]) -> AsyncIterator[Sanic]:
+    """The API with no job runner: jobs stay queued until the test runs them itself."""
+    async with running_app(make_settings(WORKER="off", JOB_MAX_ATTEMPTS="3")) as application:
+        yield application
+
+
+@pytest.fixture
+async def runtime(quiet_app: Sanic) -> AsyncIterator[jobs.Runtime]:
+    rt = jobs.Runtime(quiet_app.ctx.settings, quiet_app.ctx.store)
+    try:
+        yield rt
+    finally:
+        await rt.close()
+
+
+async def test_done_job_is_not_run_again_and_a_forced_rerun_is_identical(
+    quiet_app: Sanic, runtime: jobs.Runtime
+) -> None:
+    cfg = quiet_app.ctx.settings
+    client = SanicASGITestClient(quiet_app)
+    body = await upload(client, photo_bytes(SMALL_PHOTO))
+    sha256 = body["data"]["metadata"]["sha256"]
+    assert body["data"]["jobs"]["thumbnail"]["state"] == "queued"
+
+    assert await runtime.run("thumbnail", sha256) == "done"
+    assert await runtime.run("exif", sha256) == "done"
+    thumbs = thumbnail_files(cfg, sha256)
+    first_bytes = {size: path.read_bytes() for size, path in thumbs.items()}
+    first_inodes = {size: path.stat().st_ino for size, path in thumbs.items()}
+    (meta,) = db_rows(cfg, "SELECT exif_json FROM metadata WHERE sha256 = ?", (sha256,))
+    first_exif = meta["exif_json"]
+
+    # A done job handed out again (a duplicate arq delivery, a sweep) is a no-op.
+    assert await runtime.run("thumbnail", sha256) == "not run: done"
+    assert await runtime.run("exif", sha256) == "not run: done"
+    assert {k: r["attempts"] for k, r in job_rows(cfg, sha256).items() if k != "caption"} == {
+        "thumbnail": 1,
+        "exif": 1,
+    }
+    assert {size: path.stat().st_ino for size, path in thumbs.items()} == first_inodes
+
+    # Forced re-run: the files are written again (new inodes), with the same bytes.
+    db_write(
+        cfg, "UPDATE jobs SET state = 'queued' WHERE sha256 = ? AND kind != 'caption'", (sha256,)
+    )
+    assert await runtime.run("thumbnail", sha256) == "done"
+    assert await runtime.run("exif", sha256) == "done"
+    assert {size: path.stat().st_ino for size, path in thumbs.items()} != first_inodes
+    assert {size: path.read_bytes() for size, path in thumbs.items()} == first_bytes
+    (meta,) = db_rows(cfg, "SELECT exif_json FROM metadata WHERE sha256 = ?", (sha256,))
+    assert meta["exif_json"] == first_exif
+    assert job_rows(cfg, sha256)["thumbnail"]["attempts"] == 2
+
+
+async def test_transient_error_backs_off_then_fails_keeping_the_last_error(
+    quiet_app: Sanic, runtime: jobs.Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = quiet_app.ctx.settings
+    assert cfg.job_max_attempts == 3
+    client = SanicASGITestClient(quiet_app)
+    body = await upload(client, photo_bytes(SMALL_PHOTO))
+    image_id = body["data"]["image_id"]
+    sha256 = body["data"]["metadata"]["sha256"]
+    calls: list[int] = []
+
+    def broken(*_args: Any) -> None:
+        calls.append(1)
+        raise OSError(f"disk hiccup {len(calls)}")
+
+    monkeypatch.setattr(imaging, "write_thumbnails", broken)
+
+    for attempt, backoff in ((1, 2.0), (2, 4.0)):
+        assert await runtime.run("thumbnail", sha256) == "retrying"
+        row = job_rows(cfg, sha256)["thumbnail"]
+        assert row["state"] == "queued"
+        assert row["attempts"] == attempt
+        assert row["error"] == f"OSError: disk hiccup {attempt}"
+        assert row["run_after"] - time.time() == pytest.approx(backoff, abs=1.0)
+        # Not due yet: nobody may take it before its backoff is over.
+        assert await runtime.run("thumbnail", sha256) == "not run: queued"
+        assert len(calls) == attempt
+        record = await get_record(client, image_id)
+        assert record["data"]["jobs"]["thumbnail"] == {
+            "state": "queued",
+            "attempts": attempt,
+            "error": f"OSError: disk hiccup {attempt}",
+        }
+        db_write(
+            cfg, "UPDATE jobs SET run_after = 0 WHERE sha256 = ? AND kind = 'thumbnail'", (sha256,)
+        )
+
+    assert await runtime.run("thumbnail", sha256) == "failed"
+    assert len(calls) == 3
+    row = job_rows(cfg, sha256)["thumbnail"]
+    assert row["state"] == "failed"
+    assert row["attempts"] == 3
+    assert row["error"] == "OSError: disk hiccup 3 (gave up after 3 attempts)"
+    assert row["runner"] is None and row["lease_until"] is None
+    assert await runtime.run("thumbnail", sha256) == "not run: failed"
+
+    # A failed job counts as finished: the image's stats row closes with its last job.
+    (stats_row,) = db_rows(cfg, "SELECT end_time FROM stats WHERE image_id = ?", (image_id,))
+    assert stats_row["end_time"] is None
+    assert await runtime.run("exif", sha256) == "done"
+    (stats_row,) = db_rows(cfg, "SELECT end_time FROM stats WHERE image_id = ?", (image_id,))
+    assert stats_row["end_time"] is not None
+    record = await get_record(client, image_id)
+    assert record["data"]["jobs"]["thumbnail"]["state"] == "failed"
+    assert "disk hiccup 3" in record["data"]["jobs"]["thumbnail"]["error"]
+    _, res = await client.get("/api/stats")
+    assert res.json["failed_jobs"] == 1
+
+
+async def test_transient_errors_with_the_in_process_runner(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_settings(JOB_MAX_ATTEMPTS="2")
+    real_write = imaging.write_thumbnails
+    thumbnail_calls: list[int] = []
+
+    def flaky_write(*args: Any) -> Any:
+        thumbnail_calls.append(1)
+        if len(thumbnail_calls) == 1:
+            raise OSError("No space left on device")
+        return real_write(*args)
+
+    def broken_exif(*_args: Any) -> Any:
+        raise RuntimeError("exif reader crashed")
+
+    monkeypatch.setattr(imaging, "write_thumbnails", flaky_write)
+    monkeypatch.setattr(imaging, "extract_exif", broken_exif)
+    async with running_app(cfg) as application:
+        client = SanicASGITestClient(application)
+        body = await upload(client, photo_bytes(SMALL_PHOTO))
+        record = await wait_jobs(client, body["data"]["image_id"], within=40)
+        job_states = record["data"]["jobs"]
+        assert job_states["thumbnail"] == {"state": "done", "attempts": 2}
+        assert job_states["exif"] == {
+            "state": "failed",
+            "attempts": 2,
+            "error": "RuntimeError: exif reader crashed (gave up after 2 attempts)",
+        }
+        assert record["data"]["metadata"]["exif"] is None
+
+        # The runner is still there for the next upload.
+        monkeypatch.undo()
+        body = await upload(client, unique_jpeg(photo_bytes(SMALL_PHOTO)))
+        record = await wait_jobs(client, body["data"]["image_id"], states=("done",))
+        assert record["data"]["metadata"]["exif"]["Make"] == "FUJIFILM"
+
+
+async def test_permanent_errors_fail_at_once_and_the_runner_carries_on(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A deleted original and an undecodable original: failed on the first attempt, no retry."""
+    off = make_settings(WORKER="off")
+    async with running_app(off) as application:
+        client = SanicASGITestClient(application)
+        gone, broken, fine = [
+            (await upload(client, unique_jpeg(photo_bytes(SMALL_PHOTO))))["data"] for _ in range(3)
+        ]
+    original_path(off, gone["image_id"]).unlink()
+    broken_path = original_path(off, broken["image_id"])
+    content = broken_path.read_bytes()
+    broken_path.write_bytes(content[: len(content) // 2])  # headers (EXIF) and half the scan
+
+    inline = make_settings(WORKER="inline")
+    async with running_app(inline) as application:
+        client = SanicASGITestClient(application)
+        gone_rec = await wait_jobs(client, gone["image_id"])
+        broken_rec = await wait_jobs(client, broken["image_id"])
+        fine_rec = await wait_jobs(client, fine["image_id"], states=("done",))
+
+    for kind in ("thumbnail", "exif"):
+        assert gone_rec["data"]["jobs"][kind] == {
+            "state": "failed",
+            "attempts": 1,
+            "error": "the original file is gone",
+        }
+    thumb = broken_rec["data"]["jobs"]["thumbnail"]
+    assert thumb["state"] == "failed" and thumb["attempts"] == 1
+    assert thumb["error"].startswith("the image cannot be decoded: ")
+    assert "truncated" in thumb["error"]
+    assert str(off.media_dir) not in thumb["error"]  # no server path in what clients see
+    # EXIF sits in the headers, which survived: a partial result, never a crash.
+    assert broken_rec["data"]["jobs"]["exif"]["state"] == "done"
+    assert broken_rec["data"]["metadata"]["exif"]["Make"] == "FUJIFILM"
+    assert fine_rec["data"]["metadata"]["exif"]["Make"] == "FUJIFILM"
+    for path in thumbnail_files(inline, fine_rec["data"]["metadata"]["sha256"]).values():
+        assert path.stat().st_size > 0
+
+
+# -- recovery ----------------------------------------------------------------------------------
+
+
+async def test_job_left_running_by_a_dead_runner_is_rerun_after_its_lease(
+    make_settings: Callable[..., Settings],
+) -> None:
+    off = make_settings(WORKER="off")
+    async with running_app(off) as application:
+        client = SanicASGITestClient(application)
+        body = await upload(client, photo_bytes(SMALL_PHOTO))
+        sha256 = body["data"]["metadata"]["sha256"]
+        # A runner takes the job and dies: the row says running, held by it, until its lease ends.
+        lease_s = 4.0
+        claimed = await application.ctx.store.claim_job(sha256, "thumbnail", "dead:1:aa", lease_s)
+        assert claimed is not None and claimed.attempts == 1
+        lapses_at = time.time() + lease_s
+
+    async with running_app(make_settings()) as application:
+        client = SanicASGITestClient(application)
+        row = job_rows(off, sha256)["thumbnail"]
+        if time.time() < lapses_at - 0.5:
+            assert (row["state"], row["runner"]) == ("running", "dead:1:aa")  # not stolen early
+        record = await wait_jobs(client, body["data"]["image_id"], states=("done",))
+        assert time.time() >= lapses_at - 0.1
+    assert record["data"]["jobs"]["thumbnail"] == {"state": "done", "attempts": 2}
+    row = job_rows(off, sha256)["thumbnail"]
+    assert row["runner"] is None and row["lease_until"] is None
+    assert thumbnail_files(off, sha256)["small"].exists()
+
+
+async def test_api_restart_loses_no_job(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closed with jobs queued and running: the running ones go back to queued; a new start
+    runs them all."""
+    cfg = make_settings()
+    real_write = imaging.write_thumbnails
+    release = threading.Event()
+
+    def held_write(*args: Any) -> Any:
+        release.wait(20)  # thumbnail jobs are still running when the API closes
+        return real_write(*args)
+
+    monkeypatch.setattr(imaging, "write_thumbnails", held_write)
+    big = photo_bytes("xiaomi-mi9t-12mp-orient6.jpg")
+    async with running_app(cfg) as application:
+        client = SanicASGITestClient(application)
+        ids = [(await upload(client, unique_jpeg(big)))["data"]["image_id"] for _ in range(4)]
+        await wait_for(
+            lambda: db_rows(
+                cfg, "SELECT 1 FROM jobs WHERE kind = 'thumbnail' AND state = 'running'"
+            )
+        )
+        # close_resources waits for the job threads: let them go once it has begun.
+        threading.Timer(0.5, release.set).start()
+    rows = db_rows(cfg, "SELECT state, error FROM jobs WHERE kind = 'thumbnail'")
+    assert len(rows) == 4
+    assert all(row["state"] in ("queued", "done") for row in rows), [tuple(r) for r in rows]
+    assert any(row["error"] == "interrupted before it finished" for row in rows)
+
+    monkeypatch.undo()
+    async with running_app(cfg) as application:
+        client = SanicASGITestClient(application)
+        for image_id in ids:
+            record = await wait_jobs(client, image_id, states=("done",), within=60)
+            sha256 = record["data"]["metadata"]["sha256"]
+            with Image.open(thumbnail_files(cfg, sha256)["medium"]) as im:
+                assert im.size == (576, 768)  # 4000x3000 with Orientation=6: portrait
+    ends = db_rows(cfg, "SELECT end_time FROM stats")
+    assert len(ends) == 4 and all(row["end_time"] for row in ends)
