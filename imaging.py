@@ -319,8 +319,11 @@ def render_thumbnails(
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename: never a partial file under `path`. The directory is not fsynced:
-    a thumbnail whose name a crash lost is simply made again on demand."""
+    """Temp file, then rename: never a partial file under `path` while the machine runs.
+
+    Thumbnails are derived data, so neither the file nor its directory is fsynced: after a power
+    loss the name may be missing or point at an empty file (delayed allocation), and the
+    thumbnail route renders either case again on demand."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -328,8 +331,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
             # mkstemp makes the file 0600; thumbnails are public content.
             os.fchmod(out.fileno(), 0o644)
             out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -360,11 +360,19 @@ async def get_thumbnail(request: Request, image_id: str, size: str) -> HTTPRespo
         return HTTPResponse(status=304, headers=headers)
     cfg: Settings = request.app.ctx.settings
     path = imaging.thumbnail_path(cfg.thumbnails_dir, size, sha256)
-    if not path.exists():
+    if not _has_content(path):
         await render_on_demand(request.app, sha256)
     loop = asyncio.get_running_loop()
     data = await loop.run_in_executor(None, path.read_bytes)
     return raw(data, content_type="image/jpeg", headers=headers)
+
+
+def _has_content(path: Path) -> bool:
+    """False for a missing file, and for the empty one a crash can leave of an unsynced write."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 async def render_on_demand(app: Sanic, sha256: str) -> None:
