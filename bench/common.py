@@ -285,15 +285,10 @@ def stopwatch() -> Iterator[dict[str, float]]:
 
 def service_settings(workdir: Path, **extra: str) -> dict[str, str]:
     """Settings env for a benchmarked API on its own database and media folder under workdir."""
-    env = {
-        "DB_PATH": str(workdir / "data" / "imgapi.db"),
-        "MEDIA_DIR": str(workdir / "media"),
-        "REDIS_URL": "",
-        "CAPTION_MODEL": "none",
-        "LOG_LEVEL": "warning",
-    }
-    env.update(extra)
-    return env
+    repo_imports()
+    import procs  # tests/procs.py
+
+    return procs.settings_for(workdir, **{"REDIS_URL": "", **extra})
 
 
 _SLOW = re.compile(r"Executing (.*) took (\d+(?:\.\d+)?) seconds")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -77,9 +78,10 @@ def cfg(make_settings: Callable[..., settings_mod.Settings]) -> settings_mod.Set
     return make_settings()
 
 
-@pytest.fixture
-async def app(cfg: settings_mod.Settings) -> AsyncIterator[Sanic]:
-    """The app with its resources open for the whole test (in-process jobs keep running)."""
+@contextlib.asynccontextmanager
+async def running_app(cfg: settings_mod.Settings) -> AsyncIterator[Sanic]:
+    """The app with its resources open (in-process jobs keep running between requests); a test
+    may stop it and start another on the same database."""
     Sanic.test_mode = True
     application = imgapi.create_app(cfg, own_resources=False)
     await imgapi.open_resources(application)
@@ -88,6 +90,12 @@ async def app(cfg: settings_mod.Settings) -> AsyncIterator[Sanic]:
     finally:
         await imgapi.close_resources(application)
         Sanic._app_registry.pop(application.name, None)
+
+
+@pytest.fixture
+async def app(cfg: settings_mod.Settings) -> AsyncIterator[Sanic]:
+    async with running_app(cfg) as application:
+        yield application
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,19 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
     )
     out.close()
     return Proc(popen, log)
+
+
+def settings_for(root: Path, **extra: str) -> dict[str, str]:
+    """Settings (as env values) for a real API or worker on its own database and media folder
+    under root, its own arq queue name, captions off; keyword arguments add or override."""
+    return {
+        "DB_PATH": str(root / "data" / "imgapi.db"),
+        "MEDIA_DIR": str(root / "media"),
+        "CAPTION_MODEL": "none",
+        "ARQ_QUEUE": f"imgapi-test:{uuid.uuid4().hex}",
+        "LOG_LEVEL": "warning",
+        **extra,
+    }
 
 
 def service_env(settings_env: dict[str, str]) -> dict[str, str]:

@@ -11,12 +11,12 @@ import os
 import socket
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import procs
 import pytest
 from conftest import corpus_folder
 from PIL import ExifTags, Image, ImageDraw
@@ -34,17 +34,10 @@ OUTAGE_S = 8.0
 
 
 def service_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """Settings for a real API or worker process on this test's own database and media folder."""
-    return {
-        "DB_PATH": str(tmp_path / "data" / "imgapi.db"),
-        "MEDIA_DIR": str(tmp_path / "media"),
-        "CAPTION_MODEL": "none",
-        "SWEEP_SECONDS": "0.2",
-        "JOB_LEASE_SECONDS": "3",
-        "ARQ_QUEUE": f"imgapi-test:{uuid.uuid4().hex}",
-        "LOG_LEVEL": "info",
-        **extra,
-    }
+    """Quick sweeps and short leases, so recovery shows within seconds; info logs to grep."""
+    return procs.settings_for(
+        tmp_path, SWEEP_SECONDS="0.2", JOB_LEASE_SECONDS="3", LOG_LEVEL="info", **extra
+    )
 
 
 @pytest.fixture

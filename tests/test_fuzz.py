@@ -9,7 +9,6 @@ import io
 import sqlite3
 import struct
 import time
-import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import ExifTags, Image, ImageDraw
-from procs import Proc, start_api
+from procs import Proc, settings_for, start_api
 
 pytestmark = [pytest.mark.slow]
 
@@ -118,16 +117,7 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("fuzz")
-    env = {
-        "DB_PATH": str(root / "data" / "imgapi.db"),
-        "MEDIA_DIR": str(root / "media"),
-        "CAPTION_MODEL": "none",
-        "MAX_UPLOAD_BYTES": "1000000",
-        "MAX_PIXELS": "4000000",
-        "REQUEST_TIMEOUT": "5",
-        "ARQ_QUEUE": f"imgapi-test:{uuid.uuid4().hex}",
-        "LOG_LEVEL": "warning",
-    }
+    env = settings_for(root, MAX_UPLOAD_BYTES="1000000", MAX_PIXELS="4000000", REQUEST_TIMEOUT="5")
     api = start_api(env, root / "api.log")
     try:
         yield Live(api, env, {})

@@ -6,7 +6,6 @@ The helpers at the top are shared with test_jobs_arq.py and test_exif_thumbs_job
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import threading
 import time
@@ -16,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import corpus_folder, multipart, wait_for
+from conftest import corpus_folder, multipart, running_app, wait_for
 from PIL import Image
 from sanic import Sanic
 from sanic_testing.testing import SanicASGITestClient
 
 import imaging
-import imgapi
 import jobs
 from settings import Settings
 
@@ -43,19 +41,6 @@ def unique_jpeg(data: bytes, tag: str | None = None) -> bytes:
     payload = (tag or uuid.uuid4().hex).encode()
     assert data[:2] == b"\xff\xd8", "not a JPEG"
     return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
-
-
-@contextlib.asynccontextmanager
-async def running_app(cfg: Settings) -> AsyncIterator[Sanic]:
-    """Like conftest's `app` fixture, but one a test can stop and start again on the same DB."""
-    Sanic.test_mode = True
-    application = imgapi.create_app(cfg, own_resources=False)
-    await imgapi.open_resources(application)
-    try:
-        yield application
-    finally:
-        await imgapi.close_resources(application)
-        Sanic._app_registry.pop(application.name, None)
 
 
 def db_rows(cfg: Settings, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:

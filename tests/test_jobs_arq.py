@@ -21,7 +21,7 @@ import pytest
 import redis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.worker import Worker
-from conftest import wait_for
+from conftest import running_app, wait_for
 from procs import RedisServer, redis_server, redis_server_path, start_worker
 from sanic_testing.testing import SanicASGITestClient
 from test_jobs import (
@@ -30,7 +30,6 @@ from test_jobs import (
     job_rows,
     original_path,
     photo_bytes,
-    running_app,
     thumbnail_files,
     unique_jpeg,
     upload,

@@ -20,7 +20,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
-from procs import Proc, start_api
+from procs import Proc, settings_for, start_api
 from schemathesis import GenerationMode, checks
 
 from openapi_spec import PATHS
@@ -79,15 +79,7 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("schema")
-    env = {
-        "DB_PATH": str(root / "data" / "imgapi.db"),
-        "MEDIA_DIR": str(root / "media"),
-        "CAPTION_MODEL": "none",
-        "MAX_UPLOAD_BYTES": "1000000",
-        "REQUEST_TIMEOUT": "5",
-        "ARQ_QUEUE": f"imgapi-test:{uuid.uuid4().hex}",
-        "LOG_LEVEL": "warning",
-    }
+    env = settings_for(root, MAX_UPLOAD_BYTES="1000000", REQUEST_TIMEOUT="5")
     api = start_api(env, root / "api.log")
     try:
         yield Live(api, root)
