@@ -339,10 +339,6 @@ class Jobs:
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
 
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return JOB_KINDS
-
     def initial_states(self) -> dict[str, tuple[str, str | None]]:
         """Each kind's first state for a new upload, with a note when it will not run."""
         states: dict[str, tuple[str, str | None]] = dict.fromkeys(JOB_KINDS, ("queued", None))
