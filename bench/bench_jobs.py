@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import secrets
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -207,8 +206,7 @@ def phases(db_path: Path, measured: list[tuple[str, float, float]]) -> dict[str,
     """Where the time went, from the server's own timestamps (ms resolution, same clock):
     request start -> stats.start_time -> images.processed_at (body received, validated, stored)
     -> thumbnail job started_at (dispatch) -> finished_at (the job) -> seen done by the client."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-    try:
+    with procs.read_only(db_path) as conn:
         rows = {
             row[0]: row[1:]
             for row in conn.execute(
@@ -217,8 +215,6 @@ def phases(db_path: Path, measured: list[tuple[str, float, float]]) -> dict[str,
                 " JOIN jobs j ON j.sha256 = i.metadata_sha256 AND j.kind = 'thumbnail'"
             )
         }
-    finally:
-        conn.close()
     names = ("to_handler", "receive_validate_store", "dispatch", "job", "seen_by_client")
     spans: dict[str, list[float]] = {name: [] for name in names}
     for image_id, wall_start, wall_ready in measured:
@@ -286,13 +282,10 @@ async def burst(
 
 def finished_at(db_path: Path, shas: list[str]) -> tuple[dict[str, float], dict[str, int]]:
     """Per sha256, when the later of its thumbnail and EXIF jobs finished; and job state counts."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-    try:
+    with procs.read_only(db_path) as conn:
         rows = conn.execute(
             "SELECT sha256, kind, state, finished_at FROM jobs WHERE kind IN ('thumbnail', 'exif')"
         ).fetchall()
-    finally:
-        conn.close()
     wanted = set(shas)
     done: dict[str, float] = {}
     states: dict[str, int] = {}

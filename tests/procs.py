@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -89,6 +90,22 @@ def settings_for(root: Path, **extra: str) -> dict[str, str]:
         "LOG_LEVEL": "warning",
         **extra,
     }
+
+
+@contextlib.contextmanager
+def read_only(db_path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A service's database, read from the test process on a read-only connection of its own."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def db_rows(db_path: str | Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    with read_only(db_path) as conn:
+        return conn.execute(sql, params).fetchall()
 
 
 def service_env(settings_env: dict[str, str]) -> dict[str, str]:

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -80,22 +79,10 @@ def upload(http: httpx.Client, data: bytes, name: str) -> httpx.Response:
     return http.post("/api/images", files={"file": (name, data, "image/jpeg")})
 
 
-def connect(db_path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def query(db_path: str, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-    conn = connect(db_path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
 def open_jobs(db_path: str) -> int:
-    return query(db_path, "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0]
+    return procs.db_rows(db_path, "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")[
+        0
+    ][0]
 
 
 def wait_until(check: Callable[[], object], within: float, what: str) -> float:
@@ -123,16 +110,13 @@ def figures(**values: object) -> None:
 
 def assert_consistent(db_path: str, media_dir: Path) -> None:
     """images, stats, metadata, jobs and the files under originals/ agree with each other."""
-    conn = connect(db_path)
-    try:
+    with procs.read_only(db_path) as conn:
         images = conn.execute("SELECT * FROM images").fetchall()
         stats = {r["image_id"]: r for r in conn.execute("SELECT * FROM stats")}
         metadata = {r["sha256"] for r in conn.execute("SELECT sha256 FROM metadata")}
         jobs: dict[str, set[str]] = {}
         for row in conn.execute("SELECT sha256, kind FROM jobs"):
             jobs.setdefault(row["sha256"], set()).add(row["kind"])
-    finally:
-        conn.close()
     assert set(stats) == {r["image_id"] for r in images}, "images and stats rows differ"
     stored: set[str] = set()
     for row in images:
@@ -153,7 +137,7 @@ def assert_consistent(db_path: str, media_dir: Path) -> None:
 def assert_jobs_done_right(db_path: str, media_dir: Path, make: str | None = "imgapi-test") -> None:
     """Every thumbnail and EXIF job done, to the same result a fresh run gives (the thumbnails
     byte for byte; the EXIF read, with the camera make the photos were given)."""
-    rows = query(
+    rows = procs.db_rows(
         db_path,
         "SELECT m.sha256, m.exif_json, i.image_path,"
         " (SELECT group_concat(kind || '=' || state) FROM jobs j WHERE j.sha256 = m.sha256) AS js"
@@ -217,7 +201,7 @@ def test_redis_outage_during_uploads(
     assert statuses == [201] * 50
     assert health.status_code == 200, health.text
     assert worker.popen.poll() is None, "the worker died:\n" + worker.output()[-3000:]
-    assert query(db, "SELECT count(*) FROM images WHERE error IS NULL")[0][0] == 50
+    assert procs.db_rows(db, "SELECT count(*) FROM images WHERE error IS NULL")[0][0] == 50
     assert_jobs_done_right(db, Path(env["MEDIA_DIR"]))
     assert_consistent(db, Path(env["MEDIA_DIR"]))
     figures(
@@ -258,26 +242,26 @@ def test_worker_killed_mid_jobs(
     done = "SELECT count(*) FROM jobs WHERE state = 'done'"
     deadline = time.monotonic() + 60
     # Polled often: a thumbnail of these photos runs for 50-250 ms.
-    while not (query(db, done)[0][0] >= 4 and query(db, running)[0][0] > 0):
+    while not (procs.db_rows(db, done)[0][0] >= 4 and procs.db_rows(db, running)[0][0] > 0):
         assert open_jobs(db) > 0, "the first worker finished everything before the kill"
         assert time.monotonic() < deadline, "the first worker did not get going within 60 s"
         time.sleep(0.01)
     first.kill()
     unfinished = open_jobs(db)
-    held = query(db, running)[0][0]
+    held = procs.db_rows(db, running)[0][0]
     assert unfinished > 0, "the kill landed after the last job: nothing was interrupted"
 
     second = start_worker(env, tmp_path / "worker-2.log")
     procs_to_stop.append(second)
     recovery = wait_until(lambda: open_jobs(db) == 0, 60, "every job finished on the new worker")
-    rerun = query(db, "SELECT count(*) FROM jobs WHERE attempts > 1")[0][0]
+    rerun = procs.db_rows(db, "SELECT count(*) FROM jobs WHERE attempts > 1")[0][0]
 
     media = Path(env["MEDIA_DIR"])
     assert_jobs_done_right(db, media, make=None)
     assert_consistent(db, media)
     figures(
         test="worker_sigkill",
-        jobs=query(db, "SELECT count(*) FROM jobs WHERE kind != 'caption'")[0][0],
+        jobs=procs.db_rows(db, "SELECT count(*) FROM jobs WHERE kind != 'caption'")[0][0],
         unfinished_at_kill=unfinished,
         running_at_kill=held,
         run_again=rerun,
@@ -337,7 +321,7 @@ def test_api_killed_mid_upload(tmp_path: Path, procs_to_stop: list[Proc]) -> Non
 
     assert temp_files and all(p.exists() for p in temp_files), "the kill left no temp file"
     db = env["DB_PATH"]
-    assert query(db, "SELECT count(*) FROM images")[0][0] == 1
+    assert procs.db_rows(db, "SELECT count(*) FROM images")[0][0] == 1
     assert_consistent(db, media)
 
     # The server process is a child of the killed one: wait until it is reaped, as after a
@@ -391,11 +375,11 @@ def test_no_database_locked_under_concurrent_writers(
 
     assert all(status < 300 for status, _ in results), [s for s, _ in results if s >= 300]
     assert not any(LOCKED in body for _, body in results)
-    errors = query(
+    errors = procs.db_rows(
         db, "SELECT kind, state, error FROM jobs WHERE error IS NOT NULL AND state != 'skipped'"
     )
     assert not any(LOCKED in (r["error"] or "") for r in errors), [dict(r) for r in errors]
-    assert query(db, "SELECT count(*) FROM jobs WHERE state = 'failed'")[0][0] == 0
+    assert procs.db_rows(db, "SELECT count(*) FROM jobs WHERE state = 'failed'")[0][0] == 0
     for proc in (api, *workers):
         assert LOCKED not in proc.output(), proc.log
         assert proc.popen.poll() is None, proc.output()[-3000:]

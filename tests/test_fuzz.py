@@ -6,7 +6,6 @@ the JSON answer shape, and the service (and its jobs) still fine afterwards."""
 from __future__ import annotations
 
 import io
-import sqlite3
 import struct
 import time
 import zlib
@@ -18,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import ExifTags, Image, ImageDraw
-from procs import Proc, settings_for, start_api
+from procs import Proc, db_rows, settings_for, start_api
 
 pytestmark = [pytest.mark.slow]
 
@@ -105,13 +104,9 @@ class Live:
     statuses: dict[int, int]
 
     def open_jobs(self) -> int:
-        conn = sqlite3.connect(f"file:{self.env['DB_PATH']}?mode=ro", uri=True, timeout=30)
-        try:
-            return conn.execute(
-                "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
-            ).fetchone()[0]
-        finally:
-            conn.close()
+        return db_rows(
+            self.env["DB_PATH"], "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')"
+        )[0][0]
 
 
 @pytest.fixture(scope="module")

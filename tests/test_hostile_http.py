@@ -24,7 +24,7 @@ import pytest
 import redis
 from conftest import corpus_folder, manifest
 from PIL import ExifTags, Image
-from procs import Proc, redis_server, redis_server_path, start_api, start_worker
+from procs import Proc, db_rows, redis_server, redis_server_path, start_api, start_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -51,12 +51,7 @@ class Stack:
         return Path(self.env["MEDIA_DIR"])
 
     def rows(self, sql: str) -> list[sqlite3.Row]:
-        conn = sqlite3.connect(f"file:{self.env['DB_PATH']}?mode=ro", uri=True, timeout=30)
-        conn.row_factory = sqlite3.Row
-        try:
-            return conn.execute(sql).fetchall()
-        finally:
-            conn.close()
+        return db_rows(self.env["DB_PATH"], sql)
 
     def assert_no_path(self, *texts: str | bytes) -> None:
         for text in texts:

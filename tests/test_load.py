@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import random
-import sqlite3
 import statistics
 import time
 import uuid
@@ -26,7 +25,7 @@ import httpx
 import pytest
 from conftest import corpus_folder, manifest
 from PIL import Image, ImageDraw
-from procs import Proc, start_api
+from procs import Proc, db_rows, start_api
 
 pytestmark = [pytest.mark.slow]
 
@@ -164,15 +163,6 @@ def api(tmp_path: Path) -> Iterator[tuple[Proc, dict[str, str]]]:
         yield proc, env
     finally:
         proc.kill()
-
-
-def db_rows(db_path: str, sql: str) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 async def test_mixed_load(api: tuple[Proc, dict[str, str]]) -> None:
