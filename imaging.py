@@ -201,6 +201,11 @@ def validate_image(path: str | os.PathLike[str], max_pixels: int) -> ImageInfo:
             ):
                 again.load()
 
+    return image_info(fmt, width, height)
+
+
+def image_info(fmt: str, width: int, height: int) -> ImageInfo:
+    """The ImageInfo of a validated image of this format ("jpeg" | "png") and size."""
     ext, content_type = _STORED[fmt]
     return ImageInfo(format=fmt, width=width, height=height, ext=ext, content_type=content_type)
 

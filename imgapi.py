@@ -38,7 +38,6 @@ from store import Store, now_iso
 log = logging.getLogger("imgapi")
 
 THUMB_CACHE = "public, max-age=31536000, immutable"
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 ORPHAN_GRACE_S = 60.0
 MAX_LIST_LIMIT = 1000
 # Bytes beyond MAX_UPLOAD_BYTES that a multipart body may carry (boundaries, part headers).
@@ -208,14 +207,7 @@ async def upload(request: Request) -> HTTPResponse:
         prior = await store.known_sha256(received.sha256)
         known = None
         if prior is not None:
-            fmt = prior["format"]
-            known = imaging.ImageInfo(
-                fmt,
-                prior["width"],
-                prior["height"],
-                "jpg" if fmt == "jpeg" else fmt,
-                CONTENT_TYPES[fmt],
-            )
+            known = imaging.image_info(prior["format"], prior["width"], prior["height"])
         loop = asyncio.get_running_loop()
         info, dest = await loop.run_in_executor(
             app.ctx.cpu,
@@ -408,7 +400,9 @@ async def get_original(request: Request, image_id: str) -> HTTPResponse:
     if not path.exists():
         raise ApiError(404, "the original of this image is gone")
     return await file_stream(
-        path, mime_type=CONTENT_TYPES[row["format"]], headers={"Cache-Control": THUMB_CACHE}
+        path,
+        mime_type=imaging.image_info(row["format"], row["width"], row["height"]).content_type,
+        headers={"Cache-Control": THUMB_CACHE},
     )
 
 
