@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import imaging  # noqa: E402  (needs the repo root on sys.path when run as a script)
+from imgapi_core import imaging  # noqa: E402  (needs the repo root on sys.path when run as a script)
 
 CORPUS = Path(os.environ.get("IMGAPI_CORPUS", REPO.parent / "shared" / "corpus"))
 BOXES = tuple(sorted(imaging.THUMB_SIZES.values(), reverse=True))

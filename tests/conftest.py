@@ -12,8 +12,8 @@ import pytest
 from sanic import Sanic
 from sanic_testing.testing import SanicASGITestClient
 
-import imgapi
-import settings as settings_mod
+from imgapi_core import app as imgapi_app
+from imgapi_core import settings as settings_mod
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("IMGAPI_CORPUS", REPO.parent / "shared" / "corpus"))
@@ -83,12 +83,12 @@ async def running_app(cfg: settings_mod.Settings) -> AsyncIterator[Sanic]:
     """The app with its resources open (in-process jobs keep running between requests); a test
     may stop it and start another on the same database."""
     Sanic.test_mode = True
-    application = imgapi.create_app(cfg, own_resources=False)
-    await imgapi.open_resources(application)
+    application = imgapi_app.create_app(cfg, own_resources=False)
+    await imgapi_app.open_resources(application)
     try:
         yield application
     finally:
-        await imgapi.close_resources(application)
+        await imgapi_app.close_resources(application)
         Sanic._app_registry.pop(application.name, None)
 
 

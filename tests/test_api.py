@@ -18,8 +18,8 @@ import pytest
 from conftest import multipart, wait_for
 from PIL import Image, ImageChops, ImageStat
 
-import jobs
-import settings as settings_mod
+from imgapi_core import runtime as jobs
+from imgapi_core import settings as settings_mod
 
 THUMB_BOXES = {"small": 256, "medium": 768}
 THUMB_CACHE = "public, max-age=31536000, immutable"

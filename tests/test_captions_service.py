@@ -13,8 +13,8 @@ from PIL import Image
 from sanic_testing.testing import SanicASGITestClient
 from tiny_blip import WORDS, build_tiny_blip
 
-import imgapi
-from jobs import Jobs
+from imgapi_core import app as imgapi_app
+from imgapi_core.background import Jobs
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -51,8 +51,8 @@ async def test_an_upload_gets_a_caption_in_its_record(
     make_settings, tiny_model: Path, tmp_path: Path, cfg_env: dict
 ) -> None:
     cfg = make_settings(CAPTION_MODEL=str(tiny_model), CAPTION_BATCH="4", CAPTION_MAX_WAIT_MS="200")
-    app = imgapi.create_app(cfg, own_resources=False)
-    await imgapi.open_resources(app)
+    app = imgapi_app.create_app(cfg, own_resources=False)
+    await imgapi_app.open_resources(app)
     try:
         client = SanicASGITestClient(app)
         colours = ["black", "white", "red", "blue"]
@@ -78,7 +78,7 @@ async def test_an_upload_gets_a_caption_in_its_record(
             assert (await job_of(client, image_id, "thumbnail"))["state"] == "done"
             assert (await job_of(client, image_id, "exif"))["state"] == "done"
     finally:
-        await imgapi.close_resources(app)
+        await imgapi_app.close_resources(app)
 
 
 async def test_a_hub_model_that_is_not_downloaded_fails_the_caption_job_quickly_and_clearly(
@@ -88,8 +88,8 @@ async def test_a_hub_model_that_is_not_downloaded_fails_the_caption_job_quickly_
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     cfg = make_settings(CAPTION_MODEL="Salesforce/blip-image-captioning-base")
-    app = imgapi.create_app(cfg, own_resources=False)
-    await imgapi.open_resources(app)
+    app = imgapi_app.create_app(cfg, own_resources=False)
+    await imgapi_app.open_resources(app)
     try:
         client = SanicASGITestClient(app)
         started = time.monotonic()
@@ -114,7 +114,7 @@ async def test_a_hub_model_that_is_not_downloaded_fails_the_caption_job_quickly_
         _, res = await client.post("/api/images", files=multipart(jpeg("blue", tmp_path), "b.jpg"))
         assert res.status == 201
     finally:
-        await imgapi.close_resources(app)
+        await imgapi_app.close_resources(app)
 
 
 async def _both_done(client: SanicASGITestClient, image_id: str) -> bool:

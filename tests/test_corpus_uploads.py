@@ -14,7 +14,7 @@ import pytest
 from conftest import manifest, multipart
 from PIL import Image
 
-import settings as settings_mod
+from imgapi_core import settings as settings_mod
 
 ALLOWED_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 CONTENT_TYPES = {

@@ -6,7 +6,7 @@ import re
 
 from conftest import REPO
 
-import settings
+from imgapi_core import settings
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageChops, ImageStat
 from sanic_testing.testing import SanicASGITestClient
 from test_jobs import FINISHED, db_rows, thumbnail_files, upload, wait_jobs
 
-from settings import Settings
+from imgapi_core.settings import Settings
 
 # A wrongly oriented thumbnail differs from the upright one by ~70 (mean absolute difference per
 # channel, 0-255); the same picture through another orientation's decode path, by under 3.

@@ -21,7 +21,7 @@ from conftest import corpus_folder
 from PIL import ExifTags, Image, ImageDraw
 from procs import Proc, RedisServer, redis_server, redis_server_path, start_api, start_worker
 
-import imaging
+from imgapi_core import imaging
 
 pytestmark = [pytest.mark.slow]
 

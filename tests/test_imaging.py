@@ -16,8 +16,8 @@ from conftest import CORPUS, corpus_folder, manifest
 from PIL import Image, ImageChops, ImageStat
 from PIL.TiffImagePlugin import IFDRational
 
-import imaging
-from imaging import Rejected
+from imgapi_core import imaging
+from imgapi_core.errors import ClientError
 
 MAX_PIXELS = 50_000_000
 SHA = "ab" * 32
@@ -99,7 +99,7 @@ def test_name_and_type_accepted(name: str, content_type: str | None) -> None:
 
 
 def test_extension_not_allowed_message() -> None:
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.check_name_and_type("report.xlsx", "application/octet-stream")
     assert caught.value.status == 415
     assert caught.value.message == 'file type ".xlsx" is not allowed (allowed: .jpeg, .jpg, .png)'
@@ -111,7 +111,7 @@ def test_extension_not_allowed_message() -> None:
     ["noext", "", ".png", "dir.jpg/noext", "x.gif", "x.jpg.php", "shell.php.", "x.jpe", "x.webp"],
 )
 def test_extension_rejected(name: str) -> None:
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.check_name_and_type(name, "image/jpeg")
     assert caught.value.status == 415
     assert "allowed: .jpeg, .jpg, .png" in caught.value.message
@@ -119,26 +119,26 @@ def test_extension_rejected(name: str) -> None:
 
 @pytest.mark.parametrize("content_type", ["text/html", "image/gif", "image/svg+xml", "multipart/x"])
 def test_mime_rejected(content_type: str) -> None:
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.check_name_and_type("photo.jpg", content_type)
     assert caught.value.status == 415
     assert f'content type "{content_type}" is not allowed' in caught.value.message
 
 
 def test_extension_is_checked_before_mime() -> None:
-    with pytest.raises(Rejected, match="file type"):
+    with pytest.raises(ClientError, match="file type"):
         imaging.check_name_and_type("x.exe", "text/html")
 
 
 def test_rejected_message_does_not_echo_control_characters() -> None:
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.check_name_and_type("x.\x1b[31mred\n" + "a" * 500, None)
     assert caught.value.message.isprintable()
     assert len(caught.value.message) < 120
 
 
 def test_rejected_survives_pickle() -> None:
-    copy = pickle.loads(pickle.dumps(Rejected(413, "too big")))
+    copy = pickle.loads(pickle.dumps(ClientError(413, "too big")))
     assert (copy.status, copy.message, str(copy)) == (413, "too big", "too big")
 
 
@@ -180,7 +180,7 @@ def test_hostile_file_validates_cleanly_or_is_rejected(name: str) -> None:
     path = corpus_folder("hostile") / name
     try:
         info = imaging.validate_image(path, MAX_PIXELS)
-    except Rejected as exc:
+    except ClientError as exc:
         print(f"{name}: rejected {exc.status}: {exc.message}")
         assert exc.status in CLIENT_STATUSES
         assert exc.message.strip()
@@ -218,7 +218,7 @@ def test_hostile_file_validates_cleanly_or_is_rejected(name: str) -> None:
     ],
 )
 def test_hostile_statuses(hostile: Path, name: str, status: int) -> None:
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.validate_image(hostile / name, MAX_PIXELS)
     assert caught.value.status == status
 
@@ -227,7 +227,7 @@ def test_truncated_jpeg_is_caught_by_the_reduced_scale_decode(photos: Path, tmp_
     data = (photos / "canon-eos20d-8mp.jpg").read_bytes()
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.validate_image(cut, MAX_PIXELS)
     assert caught.value.status == 400
     assert caught.value.message.startswith("image data is truncated or corrupt: ")
@@ -237,7 +237,7 @@ def test_truncated_jpeg_is_caught_by_the_reduced_scale_decode(photos: Path, tmp_
 def test_unidentifiable_message_has_no_server_path(tmp_path: Path) -> None:
     path = tmp_path / "x.jpg"
     path.write_bytes(b"\xff\xd8\xff" + bytes(100))  # Pillow's message would name the file
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.validate_image(path, MAX_PIXELS)
     assert caught.value.status == 400
     assert str(tmp_path) not in caught.value.message
@@ -262,11 +262,11 @@ def test_pixel_cap_rejects_before_decoding(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
     _png_with_garbage_data(path, 300, 200)
     # Under the cap the decode runs and fails: the file is really undecodable...
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.validate_image(path, 60_000)
     assert caught.value.status == 400
     # ...so a 413 below the cap proves that no decoding happened before the check.
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.validate_image(path, 59_999)
     assert caught.value.status == 413
     assert caught.value.message.startswith("image is 300x200 (0.1 megapixels), over the limit")
@@ -275,7 +275,7 @@ def test_pixel_cap_rejects_before_decoding(tmp_path: Path) -> None:
 def test_pixel_cap_on_a_real_photo(photos: Path) -> None:
     path = photos / "xiaomi-mi9t-12mp-orient6.jpg"
     assert imaging.validate_image(path, 12_000_000).width == 4000  # exactly at the cap
-    with pytest.raises(Rejected) as caught:
+    with pytest.raises(ClientError) as caught:
         imaging.validate_image(path, 11_999_999)
     assert caught.value.status == 413
     assert caught.value.message == (
@@ -283,7 +283,7 @@ def test_pixel_cap_on_a_real_photo(photos: Path) -> None:
     )
 
 
-# --- robustness: mangled files raise Rejected and nothing else ---------------------------------
+# --- robustness: mangled files raise ClientError and nothing else ---------------------------------
 
 
 def test_mangled_files_only_ever_raise_rejected(photos: Path, tmp_path: Path) -> None:
@@ -305,14 +305,14 @@ def test_mangled_files_only_ever_raise_rejected(photos: Path, tmp_path: Path) ->
             path.write_bytes(bytes(data))
             try:
                 imaging.validate_image(path, MAX_PIXELS)
-            except Rejected as exc:
+            except ClientError as exc:
                 assert exc.status in CLIENT_STATUSES and exc.message
                 outcomes["rejected"] += 1
                 continue
             outcomes["valid"] += 1
             try:
                 imaging.render_thumbnails(path)
-            except Rejected as exc:
+            except ClientError as exc:
                 assert exc.status == 400
             json.dumps(imaging.extract_exif(path), allow_nan=False)
     print(outcomes)
@@ -502,7 +502,7 @@ def test_custom_sizes_and_one_decode(photos: Path) -> None:
 
 def test_thumbnails_of_an_undecodable_file_are_rejected(hostile: Path, tmp_path: Path) -> None:
     for name in ("jpeg-truncated-10000b.jpg", "notimage-xlsx-as.png", "png-idat-bad-adler.png"):
-        with pytest.raises(Rejected) as caught:
+        with pytest.raises(ClientError) as caught:
             imaging.render_thumbnails(hostile / name)
         assert caught.value.status in (400, 413)
     with pytest.raises(FileNotFoundError):  # a missing file is our bug, not the client's
@@ -543,7 +543,7 @@ def test_write_thumbnails_failure_leaves_no_partial_file(
 
 
 def test_write_thumbnails_of_a_bad_file_writes_nothing(hostile: Path, tmp_path: Path) -> None:
-    with pytest.raises(Rejected):
+    with pytest.raises(ClientError):
         imaging.write_thumbnails(hostile / "jpeg-truncated-10000b.jpg", tmp_path / "t", SHA)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 

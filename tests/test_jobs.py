@@ -20,9 +20,9 @@ from PIL import Image
 from sanic import Sanic
 from sanic_testing.testing import SanicASGITestClient
 
-import imaging
-import jobs
-from settings import Settings
+from imgapi_core import imaging
+from imgapi_core import runtime as jobs
+from imgapi_core.settings import Settings
 
 FINISHED = ("done", "failed", "skipped")
 # A small camera JPEG with EXIF (Make FUJIFILM), 1200x800: both thumbnail sizes are real resizes.

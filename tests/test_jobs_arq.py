@@ -36,10 +36,11 @@ from test_jobs import (
     wait_jobs,
 )
 
-import jobs
-from dispatch import job_id
-from settings import Settings
-from store import Store
+from imgapi_core import runtime as runtime_mod
+from imgapi_core import worker as worker_mod
+from imgapi_core.dispatch import job_id
+from imgapi_core.settings import Settings
+from imgapi_core.store import Store
 
 pytestmark = pytest.mark.redis
 
@@ -115,12 +116,12 @@ async def arq_worker(cfg: Settings, *, burst: bool = False) -> AsyncIterator[Wor
     """An arq worker as `arq jobs.WorkerSettings` builds it, in this event loop: worker_options
     without the start-up hooks, and ctx prepared the way worker_startup does (own Store, Runtime).
     With burst=True it has run every queued job by the time the block starts."""
-    options = jobs.worker_options(cfg)
+    options = worker_mod.worker_options(cfg)
     for name in ("on_startup", "on_shutdown"):
         options.pop(name)
     options.update(burst=burst, poll_delay=0 if burst else cfg.arq_poll_seconds)
     store = await Store(cfg.db_path).open()
-    runtime = jobs.Runtime(cfg, store)
+    runtime = runtime_mod.Runtime(cfg, store)
     worker = Worker(**options, handle_signals=False, ctx={"imgapi": runtime})
     task = asyncio.create_task(worker.main())
     try:
@@ -288,7 +289,7 @@ async def test_job_held_by_a_dead_worker_is_run_by_another_after_its_lease(
         # What a worker SIGKILLed mid-job leaves: arq's in-progress mark (it expires only after
         # the job timeout), and the job running in the table under its name, its lease unrenewed.
         in_progress = in_progress_key_prefix + job_id("thumbnail", sha256)
-        arq_setup.client.set(in_progress, b"1", px=jobs.ARQ_JOB_TIMEOUT_S * 1000)
+        arq_setup.client.set(in_progress, b"1", px=worker_mod.ARQ_JOB_TIMEOUT_S * 1000)
         claimed = await app.ctx.store.claim_job(sha256, "thumbnail", "dead:1:aa", 3.0)
         assert claimed is not None
         lapses_at = time.time() + 3.0

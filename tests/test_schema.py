@@ -23,7 +23,7 @@ from PIL import Image
 from procs import Proc, settings_for, start_api
 from schemathesis import GenerationMode, checks
 
-from openapi_spec import PATHS
+from imgapi_core.openapi_spec import PATHS
 
 pytestmark = [pytest.mark.slow]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import settings as settings_mod
-from settings import SettingsError
+from imgapi_core import settings as settings_mod
+from imgapi_core.settings import SettingsError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ from typing import Any
 import aiosqlite
 import pytest
 
-import store as store_mod
-from store import Store, now_iso
+from imgapi_core import store as store_mod
+from imgapi_core.store import Store, now_iso
 
 SHA = "a" * 64
 SHA2 = "b" * 64

@@ -8,14 +8,14 @@ from conftest import multipart
 from PIL import Image
 from sanic_testing.testing import SanicASGITestClient
 
-import imaging
-import imgapi
+from imgapi_core import app as imgapi_app
+from imgapi_core import imaging
 
 
 async def test_an_empty_thumbnail_left_by_a_crash_is_rendered_again(make_settings, photos) -> None:
     cfg = make_settings(WORKER="off")  # no runner: the route alone makes thumbnails
-    app = imgapi.create_app(cfg, own_resources=False)
-    await imgapi.open_resources(app)
+    app = imgapi_app.create_app(cfg, own_resources=False)
+    await imgapi_app.open_resources(app)
     try:
         client = SanicASGITestClient(app)
         body = (photos / "orient6.jpg").read_bytes()
@@ -32,4 +32,4 @@ async def test_an_empty_thumbnail_left_by_a_crash_is_rendered_again(make_setting
         assert Image.open(io.BytesIO(res.body)).size == (256, 171)
         assert path.stat().st_size == len(res.body) > 0
     finally:
-        await imgapi.close_resources(app)
+        await imgapi_app.close_resources(app)

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import uploads
-from imaging import Rejected
+from imgapi_core import uploads
+from imgapi_core.errors import ClientError
 
 BOUNDARY = b"----imgapiBoundary7MA4YWxkTrZu0gW"
 CTYPE = f"multipart/form-data; boundary={BOUNDARY.decode()}"
@@ -56,8 +56,8 @@ async def receive(
     return await uploads.receive(chunked(data, size), content_type, tmp_dir, max_bytes, **kw)
 
 
-async def rejected(tmp_dir: Path, data: bytes, status: int, **kw) -> Rejected:
-    with pytest.raises(Rejected) as caught:
+async def rejected(tmp_dir: Path, data: bytes, status: int, **kw) -> ClientError:
+    with pytest.raises(ClientError) as caught:
         await receive(tmp_dir, data, **kw)
     assert caught.value.status == status, caught.value.message
     assert list(tmp_dir.iterdir()) == [], "temp file left behind"
@@ -171,7 +171,7 @@ async def test_raw_cr_lf_in_a_file_name_never_reaches_the_name(tmp_dir):
     data = body(file_part(b'"evil\r\nX-Injected: 1.jpg"'))
     try:
         received = await receive(tmp_dir, data)
-    except Rejected as exc:
+    except ClientError as exc:
         assert exc.status == 400
         assert list(tmp_dir.iterdir()) == []
         return
@@ -346,7 +346,7 @@ async def test_rejections_after_the_file_part_remove_the_temp_file(tmp_dir):
         ),
     )
     for data in cases:
-        with pytest.raises(Rejected) as caught:
+        with pytest.raises(ClientError) as caught:
             await receive(tmp_dir, data)
         assert caught.value.received.original_name == "photo.jpg"
         assert list(tmp_dir.iterdir()) == []

@@ -1,7 +1,7 @@
 """Upload validation, thumbnails and EXIF extraction: synchronous Pillow work for a thread pool.
 
 Every function here is CPU-bound and thread-safe (no module state is mutated after import), so the
-callers run them with run_in_executor / to_thread. Only stdlib and PIL are imported.
+callers run them with run_in_executor / to_thread. Only stdlib, PIL and the error type are imported.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import ExifTags, Image
+
+from imgapi_core.errors import ClientError
 
 THUMB_SIZES: dict[str, int] = {"small": 256, "medium": 768}
 
@@ -70,19 +72,6 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _SIZE_NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 
 
-class Rejected(Exception):
-    """A client error: .status (400 bad image, 413 too large, 415 type not allowed) and .message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[Rejected], tuple[int, str]]:
-        # arq pickles job exceptions; the default reduce would call Rejected(message) and fail.
-        return (Rejected, (self.status, self.message))
-
-
 @dataclass(frozen=True)
 class ImageInfo:
     format: str  # "jpeg" | "png"
@@ -108,15 +97,15 @@ def check_name_and_type(original_name: str, content_type: str | None) -> None:
     base = re.split(r"[\\/]", original_name or "")[-1].strip().rstrip(". ")
     dot = base.rfind(".")
     if dot <= 0:  # no dot, or a leading-dot name like ".png"
-        raise Rejected(415, f"file name has no extension (allowed: {allowed_ext})")
+        raise ClientError(415, f"file name has no extension (allowed: {allowed_ext})")
     ext = base[dot:].lower()
     if ext not in ALLOWED_EXTENSIONS:
-        raise Rejected(415, f'file type "{_shown(ext)}" is not allowed (allowed: {allowed_ext})')
+        raise ClientError(415, f'file type "{_shown(ext)}" is not allowed (allowed: {allowed_ext})')
 
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     if mime not in _UNKNOWN_MIME and mime not in ALLOWED_MIME:
         allowed_mime = ", ".join(sorted(ALLOWED_MIME))
-        raise Rejected(
+        raise ClientError(
             415, f'content type "{_shown(mime)}" is not allowed (allowed: {allowed_mime})'
         )
 
@@ -143,25 +132,25 @@ def _describe(exc: BaseException, path: str) -> str:
 
 @contextlib.contextmanager
 def _rejecting(what: str, path: str) -> Iterator[None]:
-    """Turn whatever Pillow raises inside the block into a Rejected that starts with `what`."""
+    """Turn whatever Pillow raises inside the block into a ClientError that starts with `what`."""
     try:
         yield
-    except Rejected:
+    except ClientError:
         raise
     except Image.DecompressionBombError as exc:
-        raise Rejected(413, f"image dimensions are over the decoder's limit: {exc}") from exc
+        raise ClientError(413, f"image dimensions are over the decoder's limit: {exc}") from exc
     except MemoryError as exc:
-        raise Rejected(413, "image is too large to decode in the memory available") from exc
+        raise ClientError(413, "image is too large to decode in the memory available") from exc
     # Pillow raises OSError, SyntaxError, ValueError, TypeError, struct.error, EOFError,
     # IndexError, KeyError, ZeroDivisionError ... on hostile input: none of them may escape.
     except Exception as exc:
-        raise Rejected(400, f"{what}: {_describe(exc, path)}") from exc
+        raise ClientError(400, f"{what}: {_describe(exc, path)}") from exc
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     pixels = width * height
     if pixels > max_pixels:
-        raise Rejected(
+        raise ClientError(
             413,
             f"image is {width}x{height} ({pixels / 1e6:.1f} megapixels), "
             f"over the limit of {max_pixels / 1e6:g} megapixels",
@@ -173,7 +162,7 @@ def validate_image(path: str | os.PathLike[str], max_pixels: int) -> ImageInfo:
     with open(name, "rb") as fp:
         fmt = sniff_format(fp.read(16))
         if fmt is None:
-            raise Rejected(415, "file content is not a JPEG or PNG image")
+            raise ClientError(415, "file content is not a JPEG or PNG image")
         formats = _PILLOW_FORMATS[fmt]
 
         fp.seek(0)

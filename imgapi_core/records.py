@@ -9,8 +9,8 @@ from typing import Any
 
 import orjson
 
-from imaging import THUMB_SIZES
-from store import JOB_KINDS
+from imgapi_core.imaging import THUMB_SIZES
+from imgapi_core.store import JOB_KINDS
 
 
 def dumps(value: Any) -> bytes:

@@ -21,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from store import Job, Store
+from imgapi_core.store import Job, Store
 
 log = logging.getLogger("imgapi.jobs")
 

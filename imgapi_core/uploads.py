@@ -19,7 +19,7 @@ from urllib.parse import unquote
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from imaging import Rejected
+from imgapi_core.errors import ClientError
 
 FIELD = "file"
 MAX_PARTS = 32  # a real upload has one part, maybe a few form fields; more is abuse
@@ -30,7 +30,7 @@ OVERHEAD = 64 * 1024
 TEMP_PREFIX = "upload-"
 
 
-class TooLarge(Rejected):
+class TooLarge(ClientError):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"file is larger than the limit of {limit} bytes")
 
@@ -70,16 +70,18 @@ def clean_name(raw: str) -> str:
 
 def boundary_of(content_type: str | None) -> bytes:
     if not content_type:
-        raise Rejected(415, "expected a multipart/form-data body with a `file` field")
+        raise ClientError(415, "expected a multipart/form-data body with a `file` field")
     if not content_type.isascii():  # header values and multipart boundaries are ASCII
-        raise Rejected(400, "Content-Type header is not ASCII")
+        raise ClientError(400, "Content-Type header is not ASCII")
     ctype, params = parse_options_header(content_type)
     if ctype != b"multipart/form-data":
         got = ctype.decode("latin-1")
-        raise Rejected(415, f"expected a multipart/form-data body with a `file` field, got {got!r}")
+        raise ClientError(
+            415, f"expected a multipart/form-data body with a `file` field, got {got!r}"
+        )
     boundary = params.get(b"boundary")
     if not boundary or len(boundary) > 200:
-        raise Rejected(400, "multipart body has no valid boundary")
+        raise ClientError(400, "multipart body has no valid boundary")
     return boundary
 
 
@@ -133,7 +135,7 @@ class _Receiver:
     def on_part_begin(self) -> None:
         self._parts += 1
         if self._parts > MAX_PARTS:
-            raise Rejected(400, f"too many parts in the form (the limit is {MAX_PARTS})")
+            raise ClientError(400, f"too many parts in the form (the limit is {MAX_PARTS})")
         self._headers = {}
         self._header_field = self._header_value = b""
 
@@ -153,7 +155,7 @@ class _Receiver:
             return
         result = self.result
         if result.temp_path is not None:
-            raise Rejected(400, f"more than one `{FIELD}` part in the form")
+            raise ClientError(400, f"more than one `{FIELD}` part in the form")
         result.original_name = clean_name(filename or "")
         ctype = self._headers.get(b"content-type")
         result.content_type = ctype.decode("latin-1").strip() if ctype else None
@@ -183,9 +185,9 @@ class _Receiver:
     def finish(self) -> Received:
         result = self.result
         if not self._done:
-            raise Rejected(400, "multipart body ended early (no closing boundary)")
+            raise ClientError(400, "multipart body ended early (no closing boundary)")
         if result.temp_path is None:
-            raise Rejected(
+            raise ClientError(
                 400, f"no `{FIELD}` part in the form (send it with -F {FIELD}=@photo.jpg)"
             )
         assert result._file is not None
@@ -221,7 +223,7 @@ async def receive(
         return receiver.finish()
     except MultipartParseError as exc:
         receiver.result.discard()
-        err = Rejected(400, f"malformed multipart body: {exc}")
+        err = ClientError(400, f"malformed multipart body: {exc}")
         err.received = receiver.result  # type: ignore[attr-defined]
         raise err from None
     except BaseException as exc:

@@ -1,0 +1,138 @@
+"""The Sanic app: create_app assembles settings, blueprints, listeners and the one error handler;
+open_resources / close_resources start and stop what a serving process holds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sanic import HTTPResponse, Request, Sanic
+from sanic.exceptions import NotFound, SanicException
+from sanic_ext import openapi
+
+from imgapi_core import openapi_spec, records, uploads
+from imgapi_core import settings as settings_mod
+from imgapi_core.background import Jobs
+from imgapi_core.errors import ClientError
+from imgapi_core.pipeline import MULTIPART_OVERHEAD, Pipeline
+from imgapi_core.routes import images, json_response, media, system
+from imgapi_core.settings import Settings
+from imgapi_core.store import Store
+
+log = logging.getLogger("imgapi")
+
+ORPHAN_GRACE_S = 60.0
+BLUEPRINTS = (images.bp, media.bp, system.bp)
+
+
+async def open_resources(app: Sanic) -> None:
+    cfg: Settings = app.ctx.settings
+    if cfg.slow_callback_ms:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)  # asyncio then logs every callback slower than the threshold
+        loop.slow_callback_duration = cfg.slow_callback_ms / 1000
+    for folder in (cfg.originals_dir, cfg.thumbnails_dir, cfg.tmp_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    removed = uploads.sweep_temp_files(cfg.tmp_dir)
+    if removed:
+        log.info("removed %d upload temp files left by a stopped process", removed)
+    app.ctx.store = await Store(cfg.db_path).open()
+    app.ctx.cpu = ThreadPoolExecutor(
+        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="imgapi-cpu"
+    )
+    app.ctx.rendering = {}
+    orphans = await remove_orphan_originals(app.ctx.store, cfg.originals_dir)
+    if orphans:
+        log.info("removed %d originals that no record refers to", orphans)
+    app.ctx.jobs = Jobs(cfg, app.ctx.store)
+    await app.ctx.jobs.start()
+    app.ctx.pipeline = Pipeline(cfg, app.ctx.store, app.ctx.cpu, app.ctx.jobs)
+
+
+async def close_resources(app: Sanic) -> None:
+    jobs = getattr(app.ctx, "jobs", None)
+    if jobs is not None:
+        await jobs.close()
+    store = getattr(app.ctx, "store", None)
+    if store is not None:
+        await store.close()
+    cpu = getattr(app.ctx, "cpu", None)
+    if cpu is not None:
+        cpu.shutdown(wait=True, cancel_futures=True)
+
+
+async def remove_orphan_originals(store: Store, originals: Path) -> int:
+    """Originals renamed into place by a process killed before its transaction committed.
+
+    Only files older than a grace period go: a live sibling process may be between its rename and
+    its commit right now.
+    """
+    known = await store.image_ids_with_files()
+    return await asyncio.to_thread(_remove_unknown, originals, known, time.time() - ORPHAN_GRACE_S)
+
+
+def _remove_unknown(folder: Path, known: set[str], cutoff: float) -> int:
+    removed = 0
+    for path in folder.iterdir():
+        if path.stem in known:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+async def handle_error(request: Request, exc: Exception) -> HTTPResponse:
+    """The one error handler: every error, ours or Sanic's, in the one JSON shape."""
+    if isinstance(exc, ClientError):
+        status, message = exc.status, exc.message
+    elif isinstance(exc, SanicException):
+        status = exc.status_code
+        message = str(exc) or "error"
+        if isinstance(exc, NotFound):
+            message = f"no route for {request.method} {request.path}"
+    else:
+        status, message = 500, "internal server error"
+        log.exception("unhandled error on %s %s", request.method, request.path)
+    return json_response(records.failure(message), status=status)
+
+
+def create_app(settings: Settings | None = None, *, own_resources: bool = True) -> Sanic:
+    """One place builds the app: settings (default: environment and .env), routes, listeners.
+
+    With own_resources=False the caller opens and closes the database, pools and job runner
+    (open_resources / close_resources) itself: sanic-testing's ASGI client runs the server
+    listeners around every single request, which would stop background jobs between requests.
+    """
+    cfg = settings or settings_mod.load()
+    app = Sanic("imgapi", dumps=lambda v: records.dumps(v).decode())
+    app.ctx.settings = cfg
+    app.config.REQUEST_TIMEOUT = cfg.request_timeout
+    # Uploads time their own body (body_chunks); Sanic's response timer must not fire first.
+    app.config.RESPONSE_TIMEOUT = cfg.upload_timeout + cfg.request_timeout + 60
+    # Streamed uploads enforce their own cap. After an early 413 Sanic reads and drops the rest of
+    # the body up to this size before closing, so a client that sends its whole body before
+    # reading the answer (most do) gets the 413 rather than a connection reset; past it, the
+    # connection is cut.
+    app.config.REQUEST_MAX_SIZE = 2 * cfg.max_upload_bytes + MULTIPART_OVERHEAD
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.OAS_UI_DEFAULT = "swagger"
+    app.config.OAS_URL_PREFIX = "/docs"
+    app.ext.openapi.raw(openapi_spec.SPEC)
+    for bp in BLUEPRINTS:
+        # The document is written out in openapi_spec.py; sanic-ext's per-route guesses would
+        # replace its operations with bare "default" responses.
+        for future in bp._future_routes:
+            openapi.exclude()(future.handler)
+        app.blueprint(bp)
+    app.error_handler.add(Exception, handle_error)
+    if own_resources:
+        app.before_server_start(open_resources)
+        app.after_server_stop(close_resources)
+    return app

@@ -1,0 +1,123 @@
+"""/api/images: upload, list, read one, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from sanic import Blueprint, HTTPResponse, Request
+
+from imgapi_core import imaging, records
+from imgapi_core.errors import ClientError
+from imgapi_core.routes import base_url, json_response
+from imgapi_core.settings import Settings
+
+MAX_LIST_LIMIT = 1000
+
+bp = Blueprint("images")
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The upload body as it arrives. Sanic's REQUEST_TIMEOUT stops applying once a streaming
+    handler runs, so silence (REQUEST_TIMEOUT) and the whole body (UPLOAD_TIMEOUT) are timed here:
+    a stalled or trickling client gets a 408 instead of holding the connection."""
+    cfg: Settings = request.app.ctx.settings
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.upload_timeout
+    while True:
+        wait = min(cfg.request_timeout, deadline - loop.time())
+        try:
+            async with asyncio.timeout(max(wait, 0)):
+                chunk = await request.stream.read()
+        except TimeoutError:
+            if loop.time() >= deadline:
+                message = f"upload not received within UPLOAD_TIMEOUT ({cfg.upload_timeout:g} s)"
+            else:
+                message = f"no data from the client for {cfg.request_timeout:g} s"
+            raise ClientError(408, message) from None
+        if chunk is None:
+            return
+        yield chunk
+
+
+@bp.post("/api/images", stream=True, name="upload")
+async def upload(request: Request) -> HTTPResponse:
+    outcome = await request.app.ctx.pipeline.ingest(
+        body_chunks(request),
+        request.headers.get("content-type"),
+        request.headers.get("content-length"),
+    )
+    if outcome.error is not None:
+        if outcome.error.status == 408:
+            # Do not wait for the rest of a body that is not coming: close after the answer.
+            request.stream.request_max_size = 0
+            request.stream.keep_alive = False
+        body = records.failure(
+            outcome.error.message,
+            image_id=outcome.image_id,
+            original_name=outcome.original_name,
+            processed_at=outcome.processed_at,
+        )
+        return json_response(body, status=outcome.error.status)
+    row, jobs = await request.app.ctx.store.record_with_jobs(outcome.image_id)
+    body = records.record(row, jobs, base_url(request))
+    return json_response(body, status=201, headers={"Location": f"/api/images/{outcome.image_id}"})
+
+
+@bp.get("/api/images", name="list_images")
+async def list_images(request: Request) -> HTTPResponse:
+    store = request.app.ctx.store
+    args = request.args
+    raw_limit = args.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        raise ClientError(400, f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}")
+    limit = int(raw_limit)
+    status = args.get("status")
+    if status not in (None, "success", "failed"):
+        raise ClientError(400, "status must be success or failed")
+    before = None
+    if "cursor" in args:
+        before = records.decode_cursor(args.get("cursor", ""))
+        if before is None:
+            raise ClientError(400, "cursor is not valid: use the Link header of the previous page")
+    rows, jobs = await store.page_with_jobs(limit=limit + 1, before=before, status=status)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    base = base_url(request)
+    body = [records.record(r, jobs.get(r["sha256"], {}), base) for r in rows]
+    headers = {}
+    if more:
+        last = rows[-1]
+        query = (
+            f"limit={limit}&cursor={records.encode_cursor(last['processed_at'], last['image_id'])}"
+        )
+        if status:
+            query += f"&status={status}"
+        headers["Link"] = f'<{base}/api/images?{query}>; rel="next"'
+    return json_response(body, headers=headers)
+
+
+@bp.get("/api/images/<image_id:str>", name="get_image")
+async def get_image(request: Request, image_id: str) -> HTTPResponse:
+    row, jobs = await request.app.ctx.store.record_with_jobs(image_id)
+    if row is None:
+        raise ClientError(404, f"no image with id {image_id!r}")
+    return json_response(records.record(row, jobs, base_url(request)))
+
+
+@bp.delete("/api/images/<image_id:str>", name="delete_image")
+async def delete_image(request: Request, image_id: str) -> HTTPResponse:
+    cfg: Settings = request.app.ctx.settings
+    deleted = await request.app.ctx.store.delete_image(image_id)
+    if deleted is None:
+        raise ClientError(404, f"no image with id {image_id!r}")
+    if deleted.image_path:
+        with contextlib.suppress(FileNotFoundError):
+            Path(deleted.image_path).unlink()
+    if deleted.last_reference and deleted.sha256:
+        for size in imaging.THUMB_SIZES:
+            with contextlib.suppress(FileNotFoundError):
+                imaging.thumbnail_path(cfg.thumbnails_dir, size, deleted.sha256).unlink()
+    return HTTPResponse(status=204)

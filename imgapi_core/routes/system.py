@@ -1,0 +1,54 @@
+"""Service-wide answers: upload statistics and health."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sanic import Blueprint, HTTPResponse, Request
+
+from imgapi_core.routes import json_response
+
+bp = Blueprint("system")
+
+
+@bp.get("/api/stats", name="stats")
+async def stats(request: Request) -> HTTPResponse:
+    raw_stats = await request.app.ctx.store.stats()
+    total, failed = raw_stats["total"], raw_stats["failed"]
+    rate = (total - failed) / total * 100 if total else 0.0
+    average = raw_stats["average_processing_time_seconds"]
+    jobs = raw_stats["jobs"]
+    return json_response(
+        {
+            "total": total,
+            "failed": failed,
+            "success_rate": f"{rate:.2f}%",
+            "average_processing_time_seconds": round(average, 3) if average is not None else 0,
+            "processing": raw_stats["processing"],
+            "queued_jobs": jobs.get("queued", 0) + jobs.get("running", 0),
+            "failed_jobs": jobs.get("failed", 0),
+            "jobs": {
+                state: jobs.get(state, 0)
+                for state in ("queued", "running", "done", "failed", "skipped")
+            },
+        }
+    )
+
+
+@bp.get("/healthz", name="healthz")
+async def healthz(request: Request) -> HTTPResponse:
+    checks: dict[str, str] = {}
+    healthy = True
+    try:
+        async with asyncio.timeout(2):
+            await request.app.ctx.store.ping()
+        checks["database"] = "ok"
+    except Exception as exc:
+        healthy = False
+        checks["database"] = f"error: {exc}"
+    redis_state = await request.app.ctx.jobs.ping()
+    if redis_state is not None:
+        checks["redis"] = redis_state
+        healthy = healthy and redis_state == "ok"
+    checks["status"] = "ok" if healthy else "unavailable"
+    return json_response(checks, status=200 if healthy else 503)

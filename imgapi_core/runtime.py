@@ -1,0 +1,193 @@
+"""Running one job: claim it in the jobs table, do the work in a thread, record what happened.
+
+The jobs table is the truth: a job is claimed there (queued -> running, with a lease the runner
+keeps renewing), and finished there (done / failed with its error / queued again with a backoff).
+A job whose runner vanished is handed out again when its lease lapses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from imgapi_core import imaging
+from imgapi_core.errors import ClientError
+from imgapi_core.settings import Settings
+from imgapi_core.store import Store
+
+log = logging.getLogger("imgapi.jobs")
+
+CAPTIONS_OFF = "captioning is off (CAPTION_MODEL=none)"
+
+
+class PermanentError(Exception):
+    """A job error that running the job again cannot fix."""
+
+
+def _yield_cpu() -> None:
+    """Job threads run at a lower CPU priority (on Linux nice is per thread): where jobs share a
+    process or machine with the API, uploads and the event loop get the cores first."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class Runtime:
+    """What one process needs to run jobs, and the bookkeeping around each run."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.cpu = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 2,
+            thread_name_prefix="imgapi-job",
+            initializer=_yield_cpu,
+        )
+        self._running: set[tuple[str, str]] = set()
+        self._heartbeat: asyncio.Task | None = None
+        self._captioner: Any = None
+
+    @property
+    def captioner(self) -> Any:
+        """One per process, built on first use; the model itself loads on the first caption."""
+        if self._captioner is None:
+            from models import Captioner
+
+            cfg = self.settings
+            self._captioner = Captioner(
+                cfg.caption_model,
+                device=cfg.caption_device,
+                batch_size=cfg.caption_batch,
+                max_wait_ms=cfg.caption_max_wait_ms,
+                threads=cfg.caption_threads,
+                token=cfg.hf_token or None,
+                retry_after_s=cfg.caption_retry_seconds,
+            )
+        return self._captioner
+
+    async def run(self, kind: str, sha256: str) -> str:
+        """Claims, runs and records one job; returns what happened (arq keeps it in its log)."""
+        cfg = self.settings
+        job = await self.store.claim_job(sha256, kind, self.runner_id, cfg.job_lease_seconds)
+        if job is None:
+            row = await self.store.job_state(sha256, kind)
+            return f"not run: {row['state'] if row else 'no such job'}"
+        key = (sha256, kind)
+        self._running.add(key)
+        self._start_heartbeat()
+        try:
+            state = await self._work(kind, sha256)
+        except asyncio.CancelledError:
+            # Shutdown or arq's timeout: queued again at once for the next runner.
+            await asyncio.shield(
+                self.store.retry_job(
+                    sha256, kind, self.runner_id, "interrupted before it finished", 0
+                )
+            )
+            raise
+        except PermanentError as exc:
+            log.warning("%s job %s failed: %s", kind, sha256[:12], exc)
+            await self.store.finish_job(sha256, kind, self.runner_id, "failed", str(exc))
+            return "failed"
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            if job.attempts >= cfg.job_max_attempts:
+                log.error(
+                    "%s job %s failed after %d attempts: %s",
+                    kind,
+                    sha256[:12],
+                    job.attempts,
+                    message,
+                )
+                await self.store.finish_job(
+                    sha256,
+                    kind,
+                    self.runner_id,
+                    "failed",
+                    f"{message} (gave up after {job.attempts} attempts)",
+                )
+                return "failed"
+            delay = min(60.0, 2.0**job.attempts)
+            log.warning(
+                "%s job %s attempt %d failed, retrying in %.0fs: %s",
+                kind,
+                sha256[:12],
+                job.attempts,
+                delay,
+                message,
+            )
+            await self.store.retry_job(sha256, kind, self.runner_id, message, delay)
+            return "retrying"
+        finally:
+            self._running.discard(key)
+        await self.store.finish_job(sha256, kind, self.runner_id, state)
+        return state
+
+    async def _work(self, kind: str, sha256: str) -> str:
+        if kind == "thumbnail":
+            source = await self._source(sha256)
+            await self._in_thread(
+                imaging.write_thumbnails, source, self.settings.thumbnails_dir, sha256
+            )
+        elif kind == "exif":
+            source = await self._source(sha256)
+            exif = await self._in_thread(imaging.extract_exif, source)
+            await self.store.set_exif(sha256, json.dumps(exif, allow_nan=False, sort_keys=True))
+        elif kind == "caption":
+            if not self.settings.captions_enabled:
+                return "skipped"
+            from models import CaptionError
+
+            source = await self._source(sha256)
+            try:
+                caption = await self.captioner.caption(source)
+            except CaptionError as exc:
+                raise PermanentError(str(exc)) from None
+            await self.store.set_caption(sha256, caption)
+        else:
+            raise PermanentError(f"unknown job kind {kind!r}")
+        return "done"
+
+    async def _source(self, sha256: str) -> str:
+        source = await self.store.original_of(sha256)
+        if source is None or not Path(source).exists():
+            raise PermanentError("the original file is gone")
+        return source
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.cpu, fn, *args)
+        except ClientError as exc:
+            raise PermanentError(f"the image cannot be decoded: {exc.message}") from None
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._renew_leases(), name="imgapi-heartbeat")
+
+    async def _renew_leases(self) -> None:
+        lease = self.settings.job_lease_seconds
+        while self._running:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.store.renew_leases(self.runner_id, list(self._running), lease)
+            except Exception as exc:
+                log.warning("could not renew job leases: %s", exc)
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._captioner is not None:
+            await self._captioner.close()
+        self.cpu.shutdown(wait=True, cancel_futures=True)
