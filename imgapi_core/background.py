@@ -16,7 +16,7 @@ import logging
 from arq.worker import Worker
 
 from imgapi_core import dispatch
-from imgapi_core.runtime import CAPTIONS_OFF, Runtime
+from imgapi_core.runtime import CAPTIONS_OFF, Runtime, retry_delay
 from imgapi_core.settings import Settings
 from imgapi_core.store import JOB_KINDS, Store
 from imgapi_core.worker import job_slots, worker_options
@@ -64,7 +64,14 @@ class Jobs:
             asyncio.create_task(
                 dispatch.sweep_forever(
                     cfg.sweep_seconds,
-                    lambda: dispatch.sweep(self.store, self.queue, self.local, min_age_s=min_age),
+                    lambda: dispatch.sweep(
+                        self.store,
+                        self.queue,
+                        self.local,
+                        min_age_s=min_age,
+                        max_attempts=cfg.job_max_attempts,
+                        backoff_s=retry_delay,
+                    ),
                 )
             )
         )
@@ -73,9 +80,9 @@ class Jobs:
 
     async def _skip_waiting_captions(self) -> None:
         """Captions turned off after uploads queued them: those are skipped, not left waiting."""
-        for job in await self.store.due_jobs(10_000):
-            if job.kind == "caption":
-                await self.store.skip_job(job.sha256, "caption", CAPTIONS_OFF)
+        skipped = await self.store.skip_queued("caption", CAPTIONS_OFF)
+        if skipped:
+            log.info("captions are off: %d queued caption jobs skipped", skipped)
 
     async def _run_arq_worker(self) -> None:
         """Mode 2: an arq worker inside the API process, restarted if Redis drops it."""

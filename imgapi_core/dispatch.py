@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime, timedelta
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
@@ -22,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imgapi_core.store import Job, Store
+from imgapi_core.timestamps import now_iso
 
 log = logging.getLogger("imgapi.jobs")
 
@@ -180,25 +180,22 @@ async def sweep(
     store: Store,
     queue: ArqQueue | None,
     local: LocalRunner | None,
+    *,
     min_age_s: float,
+    max_attempts: int,
+    backoff_s: Callable[[int], float],
     limit: int = 200,
 ) -> tuple[int, int]:
-    """One pass: running jobs whose lease lapsed go back to queued; queued jobs that have waited
-    longer than `min_age_s` (fresh ones are in flight already) are handed out again.
-    Returns (lapsed, handed out)."""
-    lapsed = await store.release_lapsed()
+    """One pass: running jobs whose lease lapsed go back to queued after a backoff (or fail once
+    their attempts are used up); queued, due jobs that have waited longer than `min_age_s` (fresh
+    ones are in flight already) are handed out again. Returns (lapsed, handed out)."""
+    lapsed = await store.release_lapsed(max_attempts, backoff_s)
     if lapsed:
-        log.warning("%d running jobs lost their runner; handed out again", len(lapsed))
+        log.warning("%d running jobs lost their runner; queued again", len(lapsed))
     handed = 0
     if queue is not None:
-        cutoff = (
-            (datetime.now(UTC) - timedelta(seconds=min_age_s))
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z")
-        )
-        stale = await store.due_jobs(limit, updated_before=cutoff)
-        by_key = {(j.kind, j.sha256): j for j in [*lapsed, *stale]}
-        handed = await queue.hand_out(list(by_key.values()))
+        stale = await store.due_jobs(limit, updated_before=now_iso(ago_s=min_age_s))
+        handed = await queue.hand_out(stale)
     if local is not None and lapsed:
         local.wake()
     return len(lapsed), handed

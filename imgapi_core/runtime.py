@@ -29,6 +29,11 @@ log = logging.getLogger("imgapi.jobs")
 CAPTIONS_OFF = "captioning is off (CAPTION_MODEL=none)"
 
 
+def retry_delay(attempts: int) -> float:
+    """Seconds before a job that failed (or lost its runner) on attempt N is tried again."""
+    return min(60.0, 2.0**attempts)
+
+
 class PermanentError(Exception):
     """A job error that running the job again cannot fix."""
 
@@ -116,7 +121,7 @@ class Runtime:
                     f"{message} (gave up after {job.attempts} attempts)",
                 )
                 return "failed"
-            delay = min(60.0, 2.0**job.attempts)
+            delay = retry_delay(job.attempts)
             log.warning(
                 "%s job %s attempt %d failed, retrying in %.0fs: %s",
                 kind,

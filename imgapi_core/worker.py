@@ -18,7 +18,7 @@ from arq.connections import RedisSettings
 from imgapi_core import dispatch
 from imgapi_core import settings as settings_mod
 from imgapi_core.logs import setup_logging
-from imgapi_core.runtime import Runtime
+from imgapi_core.runtime import Runtime, retry_delay
 from imgapi_core.settings import Settings
 from imgapi_core.store import Store
 
@@ -97,7 +97,14 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     ctx["imgapi_sweeper"] = asyncio.create_task(
         dispatch.sweep_forever(
             cfg.sweep_seconds,
-            lambda: dispatch.sweep(store, queue, None, min_age_s=max(5.0, cfg.sweep_seconds * 2)),
+            lambda: dispatch.sweep(
+                store,
+                queue,
+                None,
+                min_age_s=max(5.0, cfg.sweep_seconds * 2),
+                max_attempts=cfg.job_max_attempts,
+                backoff_s=retry_delay,
+            ),
         )
     )
     if cfg.captions_enabled:

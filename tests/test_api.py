@@ -908,6 +908,21 @@ async def test_healthz_reports_the_database(client):
     assert "redis" not in res.json  # no REDIS_URL: nothing to check
 
 
+async def test_healthz_is_503_when_the_database_cannot_be_written(app, client, monkeypatch):
+    """Readable is not healthy: a read-only database answers reads and fails every upload.
+    (The store's own test makes a file read-only for real; this one checks the route.)"""
+    from imgapi_core.store import NotWritable
+
+    async def read_only() -> None:
+        raise NotWritable("the database is read-only: attempt to write a readonly database")
+
+    monkeypatch.setattr(app.ctx.store, "check_writable", read_only)
+    _, res = await client.get("/healthz")
+    assert res.status == 503
+    assert res.json["status"] == "unavailable"
+    assert "read-only" in res.json["database"]
+
+
 async def test_openapi_document_lists_every_contract_path(client):
     _, res = await client.get("/docs/openapi.json")
     assert res.status == 200

@@ -42,7 +42,13 @@ async def healthz(request: Request) -> HTTPResponse:
     try:
         async with asyncio.timeout(2):
             await request.app.ctx.store.ping()
+            # Readable is not enough: a read-only file or mount answers reads and fails every
+            # upload.
+            await request.app.ctx.store.check_writable()
         checks["database"] = "ok"
+    except TimeoutError:
+        healthy = False
+        checks["database"] = "error: no answer within 2 s (locked by a long write?)"
     except Exception as exc:
         healthy = False
         checks["database"] = f"error: {exc}"

@@ -1,0 +1,771 @@
+"""The SQLite store: the schema, its numbered migrations, and every statement, in one place.
+
+Each transaction is one synchronous function run on the writer connection's own thread, inside
+BEGIN IMMEDIATE ... COMMIT (datasette's execute_write_fn). Nothing can split it: a cancelled caller
+does not stop the function half way (it runs to COMMIT or ROLLBACK on its thread, and the caller
+waits for that before its cancellation goes on), so the connection is never left inside a
+transaction. Reads run the same way on a small pool of reader threads, each with its own
+connection; WAL lets them read while the writer writes. Concurrent processes queue on the busy
+timeout (IMMEDIATE takes the write lock up front instead of failing on upgrade).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from imgapi_core.timestamps import now_iso
+
+T = TypeVar("T")
+
+JOB_KINDS = ("thumbnail", "exif", "caption")
+FINISHED = ("done", "failed", "skipped")
+BUSY_TIMEOUT_MS = 30_000
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the seed's three tables, column names unchanged, plus the jobs table of the design.
+    """
+    CREATE TABLE IF NOT EXISTS metadata (
+      sha256 TEXT PRIMARY KEY,
+      width INTEGER,
+      height INTEGER,
+      format TEXT,
+      size_bytes INTEGER,
+      first_upload TEXT DEFAULT (datetime('now')),
+      exif_json TEXT,
+      caption TEXT
+    );
+    CREATE TABLE IF NOT EXISTS images (
+      image_id TEXT PRIMARY KEY,
+      original_name TEXT NOT NULL,
+      processed_at TEXT DEFAULT (datetime('now')),
+      image_path TEXT,
+      metadata_sha256 TEXT,
+      error TEXT,
+      FOREIGN KEY (metadata_sha256) REFERENCES metadata(sha256)
+    );
+    CREATE TABLE IF NOT EXISTS stats (
+      image_id TEXT PRIMARY KEY,
+      start_time TEXT DEFAULT (datetime('now')),
+      end_time TEXT,
+      status INTEGER NOT NULL,
+      FOREIGN KEY (image_id) REFERENCES images(image_id) ON DELETE CASCADE
+    );
+    CREATE TABLE jobs (
+      sha256 TEXT NOT NULL REFERENCES metadata(sha256) ON DELETE CASCADE,
+      kind TEXT NOT NULL CHECK (kind IN ('thumbnail', 'exif', 'caption')),
+      state TEXT NOT NULL DEFAULT 'queued'
+        CHECK (state IN ('queued', 'running', 'done', 'failed', 'skipped')),
+      attempts INTEGER NOT NULL DEFAULT 0,
+      error TEXT,
+      created_at TEXT NOT NULL,
+      updated_at TEXT NOT NULL,
+      started_at TEXT,
+      finished_at TEXT,
+      run_after REAL NOT NULL DEFAULT 0,
+      lease_until REAL,
+      runner TEXT,
+      PRIMARY KEY (sha256, kind)
+    );
+    """,
+    # 2: the indexes that listing, filtering, joins and the job sweeper read through.
+    """
+    CREATE INDEX images_newest ON images (processed_at DESC, image_id DESC);
+    CREATE INDEX images_ok_newest ON images (processed_at DESC, image_id DESC)
+      WHERE error IS NULL;
+    CREATE INDEX images_failed_newest ON images (processed_at DESC, image_id DESC)
+      WHERE error IS NOT NULL;
+    CREATE INDEX images_by_sha ON images (metadata_sha256);
+    CREATE INDEX jobs_due ON jobs (state, run_after);
+    CREATE INDEX stats_open ON stats (image_id) WHERE end_time IS NULL;
+    """,
+    # 3: rows a seed database wrote with datetime('now') ("2026-02-22 12:00:00", UTC without a
+    # zone) become RFC 3339 UTC like every new row, so they sort and paginate by time.
+    """
+    UPDATE images SET processed_at = strftime('%Y-%m-%dT%H:%M:%fZ', processed_at)
+      WHERE processed_at NOT LIKE '%Z';
+    UPDATE metadata SET first_upload = strftime('%Y-%m-%dT%H:%M:%fZ', first_upload)
+      WHERE first_upload NOT LIKE '%Z';
+    UPDATE stats SET start_time = strftime('%Y-%m-%dT%H:%M:%fZ', start_time)
+      WHERE start_time NOT LIKE '%Z';
+    UPDATE stats SET end_time = strftime('%Y-%m-%dT%H:%M:%fZ', end_time)
+      WHERE end_time NOT LIKE '%Z';
+    """,
+    # 4: how often a job's runner vanished while holding it (lease lapsed): those count against
+    # JOB_MAX_ATTEMPTS like failures do.
+    """
+    ALTER TABLE jobs ADD COLUMN lapses INTEGER NOT NULL DEFAULT 0;
+    """,
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    sha256: str
+    kind: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Deleted:
+    image_path: str | None
+    sha256: str | None
+    last_reference: bool
+
+
+class NotWritable(RuntimeError):
+    """The database can be read but not written (a read-only file, folder or mount)."""
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    # isolation_level=None: the sqlite3 module opens no transactions of its own; ours are explicit.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def _retry_locked(conn: sqlite3.Connection, sql: str) -> None:
+    """Runs `sql`, retrying "database is locked" for up to the busy timeout.
+
+    The busy timeout makes SQLite wait for locks, but not in every case: while another process
+    switches a new file to WAL (or recovers its WAL index) SQLite answers SQLITE_BUSY at once.
+    Processes that open a fresh database together meet exactly that."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute(sql).fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    _retry_locked(conn, "BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _in_snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Every SELECT of `fn` sees the same committed state."""
+    conn.execute("BEGIN")
+    try:
+        return fn(conn)
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    """A real write, rolled back: BEGIN IMMEDIATE alone succeeds on a read-only file."""
+    _retry_locked(conn, "BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (-1, 'write probe')"
+        )
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY" or "readonly" in str(exc):
+            raise NotWritable(f"the database is read-only: {exc}") from None
+        raise
+    finally:
+        conn.execute("ROLLBACK")
+
+
+async def _settled(future: concurrent.futures.Future[T]) -> T:
+    """Awaits a database call that must not be split by a cancellation.
+
+    Cancelled before its thread took it up, it never runs. Cancelled while it runs, it runs to its
+    end (COMMIT or ROLLBACK) and the cancellation is re-raised only then, so whatever the caller
+    does next (remove a file, record a failure) sees the database as the call left it."""
+    waiter = asyncio.wrap_future(future)
+    try:
+        return await asyncio.shield(waiter)
+    except asyncio.CancelledError:
+        if future.cancel():
+            raise
+        while not waiter.done():
+            try:
+                await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                continue
+            except BaseException:
+                break
+        raise
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path, readers: int = 2) -> None:
+        self.path = str(path)
+        self._reader_count = readers
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._readers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._connections: list[sqlite3.Connection] = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _thread_connection(self) -> sqlite3.Connection:
+        """This thread's own connection (each writer and reader thread opens one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs fn(conn) as one transaction on the writer thread; its result, or its error."""
+        if self._writer is None:
+            raise RuntimeError("store is closed")
+        return await _settled(
+            self._writer.submit(lambda: _in_transaction(self._thread_connection(), fn))
+        )
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs fn(conn) in one read snapshot on a reader thread."""
+        if self._readers is None:
+            raise RuntimeError("store is closed")
+        return await _settled(
+            self._readers.submit(lambda: _in_snapshot(self._thread_connection(), fn))
+        )
+
+    async def open(self) -> SqliteStore:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imgapi-db-w")
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            self._reader_count, thread_name_prefix="imgapi-db-r"
+        )
+        try:
+            await _settled(self._writer.submit(self._prepare))
+            await self.check_writable()
+        except BaseException:
+            # Threads that hold connections would keep the process alive after a failed start.
+            await self.close()
+            raise
+        return self
+
+    def _prepare(self) -> None:
+        conn = self._thread_connection()
+        _retry_locked(conn, "PRAGMA journal_mode = WAL")
+        _migrate(conn)
+
+    async def check_writable(self) -> None:
+        """Raises NotWritable when a write would fail; `/healthz` and start-up ask."""
+        if self._writer is None:
+            raise RuntimeError("store is closed")
+        # Not _settled: a caller that stops waiting (a health check's timeout) leaves the probe to
+        # roll itself back on its thread; nothing depends on its outcome.
+        await asyncio.wrap_future(
+            self._writer.submit(lambda: _probe_write(self._thread_connection()))
+        )
+
+    async def close(self) -> None:
+        """Waits for the running calls, then closes every connection; safe to call twice."""
+        executors = [e for e in (self._writer, self._readers) if e is not None]
+        self._writer = self._readers = None
+        for executor in executors:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+
+    async def ping(self) -> None:
+        await self.read(lambda conn: conn.execute("SELECT 1").fetchall())
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    async def record_success(
+        self,
+        *,
+        image_id: str,
+        original_name: str,
+        processed_at: str,
+        image_path: str,
+        start_time: str,
+        sha256: str,
+        width: int,
+        height: int,
+        fmt: str,
+        size_bytes: int,
+        kinds: dict[str, tuple[str, str | None]],
+    ) -> bool:
+        """Metadata (first upload of these bytes wins), images, stats and jobs rows at once.
+
+        `kinds` maps each job kind to its first state and a note ("queued", or "skipped" with why).
+        Returns True when jobs must be dispatched (at least one is still queued for this sha256).
+        """
+
+        def txn(conn: sqlite3.Connection) -> bool:
+            conn.execute(
+                "INSERT INTO metadata (sha256, width, height, format, size_bytes, first_upload)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                (sha256, width, height, fmt, size_bytes, processed_at),
+            )
+            conn.execute(
+                "INSERT INTO images (image_id, original_name, processed_at, image_path,"
+                " metadata_sha256, error) VALUES (?, ?, ?, ?, ?, NULL)",
+                (image_id, original_name, processed_at, image_path, sha256),
+            )
+            conn.executemany(
+                "INSERT INTO jobs (sha256, kind, state, error, created_at, updated_at, finished_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256, kind) DO NOTHING",
+                [
+                    (
+                        sha256,
+                        kind,
+                        state,
+                        note,
+                        processed_at,
+                        processed_at,
+                        processed_at if state in FINISHED else None,
+                    )
+                    for kind, (state, note) in kinds.items()
+                ],
+            )
+            pending = _pending_jobs(conn, sha256)
+            conn.execute(
+                "INSERT INTO stats (image_id, start_time, end_time, status) VALUES (?, ?, ?, 1)",
+                (image_id, start_time, None if pending else now_iso()),
+            )
+            return pending > 0
+
+        return await self.write(txn)
+
+    async def record_failure(
+        self, *, image_id: str, original_name: str, processed_at: str, start_time: str, error: str
+    ) -> None:
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO images (image_id, original_name, processed_at, image_path,"
+                " metadata_sha256, error) VALUES (?, ?, ?, NULL, NULL, ?)",
+                (image_id, original_name, processed_at, error),
+            )
+            conn.execute(
+                "INSERT INTO stats (image_id, start_time, end_time, status) VALUES (?, ?, ?, 0)",
+                (image_id, start_time, processed_at),
+            )
+
+        await self.write(txn)
+
+    async def known_sha256(self, sha256: str) -> sqlite3.Row | None:
+        """The stored metadata of these bytes when an earlier upload of them succeeded."""
+        return await self._fetchone(
+            "SELECT sha256, width, height, format FROM metadata WHERE sha256 = ?", (sha256,)
+        )
+
+    # -- reading records --------------------------------------------------------------------
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return await self.read(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = await self._fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def get_record(self, image_id: str) -> sqlite3.Row | None:
+        return await self._fetchone(_RECORD_SELECT + " WHERE i.image_id = ?", (image_id,))
+
+    async def list_records(
+        self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
+    ) -> list[sqlite3.Row]:
+        """Newest first; `before` is the (processed_at, image_id) of the last row already seen."""
+        return await self._fetchall(*_page_query(limit, before, status))
+
+    # A record and its job states are read in one snapshot: read apart, a job could show "done"
+    # while its result (EXIF, caption) still read as missing.
+
+    async def record_with_jobs(
+        self, image_id: str
+    ) -> tuple[sqlite3.Row | None, dict[str, sqlite3.Row]]:
+        def snapshot(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, dict]:
+            row = conn.execute(_RECORD_SELECT + " WHERE i.image_id = ?", (image_id,)).fetchone()
+            if row is None:
+                return None, {}
+            jobs = _jobs_of(conn, [row["sha256"]] if row["sha256"] else [])
+            return row, jobs.get(row["sha256"], {})
+
+        return await self.read(snapshot)
+
+    async def page_with_jobs(
+        self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
+    ) -> tuple[list[sqlite3.Row], dict[str, dict[str, sqlite3.Row]]]:
+        def snapshot(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], dict]:
+            rows = conn.execute(*_page_query(limit, before, status)).fetchall()
+            return rows, _jobs_of(conn, [r["sha256"] for r in rows if r["sha256"]])
+
+        return await self.read(snapshot)
+
+    async def stats(self) -> dict[str, Any]:
+        def snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
+            row = conn.execute(
+                "SELECT count(*) AS total,"
+                " coalesce(sum(status = 0), 0) AS failed,"
+                " avg(CASE WHEN status = 1 AND end_time IS NOT NULL"
+                "     THEN (julianday(end_time) - julianday(start_time)) * 86400.0 END) AS avg_s,"
+                " coalesce(sum(status = 1 AND end_time IS NULL), 0) AS processing"
+                " FROM stats"
+            ).fetchone()
+            jobs = conn.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state").fetchall()
+            return {
+                "total": row["total"],
+                "failed": row["failed"],
+                "processing": row["processing"],
+                "average_processing_time_seconds": row["avg_s"],
+                "jobs": {r["state"]: r["n"] for r in jobs},
+            }
+
+        return await self.read(snapshot)
+
+    # -- deleting ---------------------------------------------------------------------------
+
+    async def delete_image(self, image_id: str) -> Deleted | None:
+        """Removes the record; its metadata and jobs go with the last image of that sha256."""
+
+        def txn(conn: sqlite3.Connection) -> Deleted | None:
+            row = conn.execute(
+                "SELECT image_path, metadata_sha256 FROM images WHERE image_id = ?", (image_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            image_path, sha256 = row
+            conn.execute("DELETE FROM stats WHERE image_id = ?", (image_id,))
+            conn.execute("DELETE FROM images WHERE image_id = ?", (image_id,))
+            last = False
+            if sha256 is not None:
+                others = conn.execute(
+                    "SELECT 1 FROM images WHERE metadata_sha256 = ? LIMIT 1", (sha256,)
+                ).fetchone()
+                if others is None:
+                    last = True
+                    conn.execute("DELETE FROM jobs WHERE sha256 = ?", (sha256,))
+                    conn.execute("DELETE FROM metadata WHERE sha256 = ?", (sha256,))
+            return Deleted(image_path, sha256, last)
+
+        return await self.write(txn)
+
+    async def image_ids_with_files(self) -> set[str]:
+        rows = await self._fetchall("SELECT image_id FROM images WHERE image_path IS NOT NULL")
+        return {r[0] for r in rows}
+
+    async def has_sha256(self, sha256: str) -> bool:
+        """Whether any image still refers to these bytes (their derivatives may stay)."""
+        return (
+            await self._fetchone("SELECT 1 FROM metadata WHERE sha256 = ?", (sha256,)) is not None
+        )
+
+    async def original_of(self, sha256: str) -> str | None:
+        """Any stored original of these bytes (every copy holds the same bytes)."""
+        row = await self._fetchone(
+            "SELECT image_path FROM images WHERE metadata_sha256 = ? AND image_path IS NOT NULL"
+            " ORDER BY processed_at LIMIT 1",
+            (sha256,),
+        )
+        return row[0] if row else None
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def claim_job(self, sha256: str, kind: str, runner: str, lease_s: float) -> Job | None:
+        """queued and due -> running, held by `runner` until its lease lapses.
+
+        A job whose runner vanished is not claimed here: release_lapsed() puts it back first,
+        counting the lapse and backing off like any other retry."""
+
+        def txn(conn: sqlite3.Connection) -> Job | None:
+            now, stamp = time.time(), now_iso()
+            row = conn.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, runner = ?,"
+                " lease_until = ?, started_at = ?, updated_at = ?, error = NULL"
+                " WHERE sha256 = ? AND kind = ? AND state = 'queued' AND run_after <= ?"
+                " RETURNING attempts",
+                (runner, now + lease_s, stamp, stamp, sha256, kind, now),
+            ).fetchone()
+            return Job(sha256, kind, row[0]) if row else None
+
+        return await self.write(txn)
+
+    async def renew_leases(
+        self, runner: str, jobs: Iterable[tuple[str, str]], lease_s: float
+    ) -> int:
+        """Extends the leases of the (sha256, kind) jobs this runner is running right now."""
+        params = [(time.time() + lease_s, sha256, kind, runner) for sha256, kind in jobs]
+
+        def txn(conn: sqlite3.Connection) -> int:
+            cur = conn.executemany(
+                "UPDATE jobs SET lease_until = ?"
+                " WHERE sha256 = ? AND kind = ? AND state = 'running' AND runner = ?",
+                params,
+            )
+            return cur.rowcount
+
+        return await self.write(txn)
+
+    async def finish_job(
+        self, sha256: str, kind: str, runner: str, state: str, error: str | None = None
+    ) -> bool:
+        """done/failed/skipped; when it was the image's last open job, closes its stats rows.
+
+        Returns False when the job was no longer held by `runner` (its lease lapsed and another
+        runner took it over, or its image was deleted meanwhile)."""
+
+        def txn(conn: sqlite3.Connection) -> bool:
+            stamp = now_iso()
+            cur = conn.execute(
+                "UPDATE jobs SET state = ?, error = ?, finished_at = ?, updated_at = ?,"
+                " lease_until = NULL, runner = NULL"
+                " WHERE sha256 = ? AND kind = ? AND state = 'running' AND runner = ?",
+                (state, error, stamp, stamp, sha256, kind, runner),
+            )
+            if cur.rowcount == 0:
+                return False
+            _close_stats_if_finished(conn, sha256, stamp)
+            return True
+
+        return await self.write(txn)
+
+    async def retry_job(
+        self, sha256: str, kind: str, runner: str, error: str, delay_s: float
+    ) -> bool:
+        def txn(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'queued', error = ?, run_after = ?, updated_at = ?,"
+                " lease_until = NULL, runner = NULL"
+                " WHERE sha256 = ? AND kind = ? AND state = 'running' AND runner = ?",
+                (error, time.time() + delay_s, now_iso(), sha256, kind, runner),
+            )
+            return cur.rowcount > 0
+
+        return await self.write(txn)
+
+    async def skip_queued(self, kind: str, reason: str) -> int:
+        """Every queued job of `kind`, due or backing off, becomes skipped, in one statement (a
+        kind turned off, e.g. CAPTION_MODEL=none); uploads whose last open job that was close."""
+
+        def txn(conn: sqlite3.Connection) -> int:
+            stamp = now_iso()
+            skipped = conn.execute(
+                "UPDATE jobs SET state = 'skipped', error = ?, finished_at = ?, updated_at = ?,"
+                " lease_until = NULL, runner = NULL WHERE kind = ? AND state = 'queued'"
+                " RETURNING sha256",
+                (reason, stamp, stamp, kind),
+            ).fetchall()
+            if skipped:
+                conn.execute(
+                    "UPDATE stats SET end_time = ? WHERE end_time IS NULL AND image_id IN"
+                    " (SELECT i.image_id FROM images i WHERE i.metadata_sha256 IN"
+                    "   (SELECT sha256 FROM jobs WHERE kind = ? AND finished_at = ?)"
+                    "  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.sha256 = i.metadata_sha256"
+                    "   AND j.state NOT IN ('done', 'failed', 'skipped')))",
+                    (stamp, kind, stamp),
+                )
+            return len(skipped)
+
+        return await self.write(txn)
+
+    async def due_jobs(self, limit: int, updated_before: str | None = None) -> list[Job]:
+        """Queued jobs a runner may take now. `updated_before` keeps only jobs untouched since
+        then (RFC 3339)."""
+        sql = "SELECT sha256, kind, attempts FROM jobs WHERE state = 'queued' AND run_after <= ?"
+        params: list[Any] = [time.time()]
+        if updated_before is not None:
+            sql += " AND updated_at < ?"
+            params.append(updated_before)
+        sql += " ORDER BY run_after, created_at LIMIT ?"
+        params.append(limit)
+        rows = await self._fetchall(sql, params)
+        return [Job(r[0], r[1], r[2]) for r in rows]
+
+    async def release_lapsed(
+        self, max_attempts: int, backoff_s: Callable[[int], float]
+    ) -> list[Job]:
+        """running jobs whose runner vanished (lease lapsed) go back to queued after a backoff,
+        or fail once they have used up their attempts: a file that kills its decoder (OOM, a
+        crash in a native library) must not be handed out forever."""
+
+        def txn(conn: sqlite3.Connection) -> list[Job]:
+            now, stamp = time.time(), now_iso()
+            lapsed = conn.execute(
+                "SELECT sha256, kind, attempts, lapses FROM jobs"
+                " WHERE state = 'running' AND lease_until < ?",
+                (now,),
+            ).fetchall()
+            requeued: list[Job] = []
+            for sha256, kind, attempts, lapses in lapsed:
+                if attempts >= max_attempts:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'failed', error = ?, lapses = lapses + 1,"
+                        " finished_at = ?, updated_at = ?, lease_until = NULL, runner = NULL"
+                        " WHERE sha256 = ? AND kind = ?",
+                        (
+                            f"the runner died {lapses + 1} times on this job"
+                            f" (gave up after {attempts} attempts)",
+                            stamp,
+                            stamp,
+                            sha256,
+                            kind,
+                        ),
+                    )
+                    _close_stats_if_finished(conn, sha256, stamp)
+                    continue
+                conn.execute(
+                    "UPDATE jobs SET state = 'queued', lapses = lapses + 1, run_after = ?,"
+                    " updated_at = ?, lease_until = NULL, runner = NULL,"
+                    " error = 'runner vanished while running; handed out again'"
+                    " WHERE sha256 = ? AND kind = ?",
+                    (now + backoff_s(attempts), stamp, sha256, kind),
+                )
+                requeued.append(Job(sha256, kind, attempts))
+            return requeued
+
+        return await self.write(txn)
+
+    async def job_state(self, sha256: str, kind: str) -> sqlite3.Row | None:
+        return await self._fetchone(
+            "SELECT state, attempts, error, runner, lease_until FROM jobs"
+            " WHERE sha256 = ? AND kind = ?",
+            (sha256, kind),
+        )
+
+    async def set_exif(self, sha256: str, exif_json: str) -> None:
+        await self.write(
+            lambda conn: conn.execute(
+                "UPDATE metadata SET exif_json = ? WHERE sha256 = ?", (exif_json, sha256)
+            )
+        )
+
+    async def set_caption(self, sha256: str, caption: str) -> None:
+        await self.write(
+            lambda conn: conn.execute(
+                "UPDATE metadata SET caption = ? WHERE sha256 = ?", (caption, sha256)
+            )
+        )
+
+
+_RECORD_SELECT = (
+    "SELECT i.image_id, i.original_name, i.processed_at, i.error, i.image_path,"
+    " i.metadata_sha256 AS sha256,"
+    " m.width, m.height, m.format, m.size_bytes, m.first_upload, m.exif_json, m.caption"
+    " FROM images i LEFT JOIN metadata m ON m.sha256 = i.metadata_sha256"
+)
+
+
+def _page_query(
+    limit: int, before: tuple[str, str] | None, status: str | None
+) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if status == "success":
+        where.append("i.error IS NULL")
+    elif status == "failed":
+        where.append("i.error IS NOT NULL")
+    if before is not None:
+        where.append("(i.processed_at, i.image_id) < (?, ?)")
+        params.extend(before)
+    sql = _RECORD_SELECT
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY i.processed_at DESC, i.image_id DESC LIMIT ?"
+    params.append(limit)
+    return sql, params
+
+
+def _jobs_of(conn: sqlite3.Connection, sha256s: Iterable[str]) -> dict[str, dict[str, sqlite3.Row]]:
+    unique = sorted(set(sha256s))
+    if not unique:
+        return {}
+    marks = ",".join("?" * len(unique))
+    rows = conn.execute(
+        f"SELECT sha256, kind, state, attempts, error FROM jobs WHERE sha256 IN ({marks})",
+        unique,
+    ).fetchall()
+    out: dict[str, dict[str, sqlite3.Row]] = {}
+    for row in rows:
+        out.setdefault(row["sha256"], {})[row["kind"]] = row
+    return out
+
+
+def _pending_jobs(conn: sqlite3.Connection, sha256: str) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM jobs WHERE sha256 = ? AND state NOT IN ('done', 'failed', 'skipped')",
+        (sha256,),
+    ).fetchone()[0]
+
+
+def _close_stats_if_finished(conn: sqlite3.Connection, sha256: str, stamp: str) -> None:
+    if _pending_jobs(conn, sha256):
+        return
+    conn.execute(
+        "UPDATE stats SET end_time = ? WHERE end_time IS NULL AND image_id IN"
+        " (SELECT image_id FROM images WHERE metadata_sha256 = ?)",
+        (stamp, sha256),
+    )
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+
+def statements(script: str) -> list[str]:
+    """A migration script as SQL statements, split where SQLite itself says a statement ends,
+    so a trigger body (BEGIN ...; ...; END) or a string holding ';' stays whole."""
+    out: list[str] = []
+    current = ""
+    for piece in script.split(";"):
+        current += piece + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \t\n;"):
+                out.append(current.strip())
+            current = ""
+    if current.strip(" \t\n;"):
+        raise ValueError(f"incomplete SQL statement in a migration: {current.strip()[:80]!r}")
+    return out
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Applies the migrations not yet applied, each in the transaction that records it."""
+
+    def ensure_table(c: sqlite3.Connection) -> int:
+        c.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        return c.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] or 0
+
+    current = _in_transaction(conn, ensure_table)
+    for version, script in enumerate(MIGRATIONS, start=1):
+        if version <= current:
+            continue
+
+        def apply(c: sqlite3.Connection, version: int = version, script: str = script) -> None:
+            done = c.execute(
+                "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+            ).fetchone()
+            if done:  # another process got there first
+                return
+            for statement in statements(script):
+                c.execute(statement)
+            c.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, now_iso()),
+            )
+
+        _in_transaction(conn, apply)

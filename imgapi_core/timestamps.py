@@ -1,0 +1,11 @@
+"""Timestamps as the service stores and shows them: RFC 3339 UTC with milliseconds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+
+def now_iso(ago_s: float = 0.0) -> str:
+    """Now (or `ago_s` seconds before): sorts as text, and SQLite's julianday() reads it."""
+    moment = datetime.now(UTC) - timedelta(seconds=ago_s)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
