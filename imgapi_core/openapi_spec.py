@@ -27,6 +27,27 @@ _IMAGE_ID = {
 
 _NULLABLE_STRING = {"type": "string", "nullable": True}
 
+
+def _string_header(description: str) -> dict[str, Any]:
+    return {"schema": {"type": "string"}, "description": description}
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": False, **_string_header(description)}
+
+
+_ORIGINAL_HEADERS = {
+    "Content-Length": {"schema": {"type": "integer", "minimum": 0}},
+    "ETag": _string_header('strong: "<sha256 of the bytes>"'),
+    "Last-Modified": _string_header("the upload's processed_at, as an HTTP-date"),
+    "Accept-Ranges": _string_header("bytes"),
+}
+
+_ORIGINAL_CONTENT = {
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+}
+
 _JOB = {
     "type": "object",
     "required": ["state", "attempts"],
@@ -231,7 +252,7 @@ PATHS: dict[str, Any] = {
                     "description": "the thumbnail",
                     "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
                 },
-                "304": {"description": "not modified (If-None-Match)"},
+                "304": {"description": "not modified (If-None-Match: a matching tag, or *)"},
                 "400": _error("unknown size"),
                 "404": _error("unknown image, or an upload that failed"),
                 "422": _error("the stored original cannot be decoded"),
@@ -242,16 +263,50 @@ PATHS: dict[str, Any] = {
         "parameters": [_IMAGE_ID],
         "get": {
             "operationId": "get_original",
-            "summary": "The stored bytes as uploaded",
+            "summary": "The stored bytes as uploaded; one byte range, conditional requests",
+            "description": (
+                "ETag is the quoted sha256 of the bytes (a strong validator); Last-Modified is the"
+                " upload's processed_at. Conditional requests follow RFC 9110: If-Match, else"
+                " If-Unmodified-Since (412 when it fails); If-None-Match (weak comparison, `*`"
+                " matches), else If-Modified-Since (304); If-Range (a strong ETag or the exact"
+                " Last-Modified; otherwise the whole original, 200). One byte range answers 206;"
+                " several ranges, another unit or a malformed Range answer the whole original."
+            ),
+            "parameters": [
+                _header("Range", "one byte range: bytes=0-99, bytes=100-, bytes=-100"),
+                _header("If-Range", "an ETag or the Last-Modified date; the range only if current"),
+                _header("If-None-Match", 'entity tags, or "*": 304 when one matches'),
+                _header("If-Modified-Since", "HTTP-date; ignored when If-None-Match is sent"),
+                _header("If-Match", 'entity tags, or "*": 412 unless one matches strongly'),
+                _header("If-Unmodified-Since", "HTTP-date; ignored when If-Match is sent"),
+            ],
             "responses": {
                 "200": {
                     "description": "the original",
-                    "content": {
-                        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "headers": _ORIGINAL_HEADERS,
+                    "content": _ORIGINAL_CONTENT,
+                },
+                "206": {
+                    "description": "one byte range of the original",
+                    "headers": {
+                        **_ORIGINAL_HEADERS,
+                        "Content-Range": _string_header("bytes FIRST-LAST/SIZE"),
+                    },
+                    "content": _ORIGINAL_CONTENT,
+                },
+                "304": {
+                    "description": "not modified (If-None-Match, else If-Modified-Since)",
+                    "headers": {
+                        "ETag": _ORIGINAL_HEADERS["ETag"],
+                        "Last-Modified": _ORIGINAL_HEADERS["Last-Modified"],
                     },
                 },
                 "404": _error("unknown image, or an upload that failed"),
+                "412": _error("If-Match or If-Unmodified-Since does not hold"),
+                "416": {
+                    **_error("the range starts past the end of the original"),
+                    "headers": {"Content-Range": _string_header("bytes */SIZE")},
+                },
             },
         },
     },
