@@ -9,10 +9,4 @@ if [ ! -f "$ci" ]; then
   echo "container check skipped: $ci not found"
   exit 0
 fi
-cd "$root"
-# The script bind-mounts a file:// package index's simple/ folder into RUN steps, but the index
-# pages link to ../../files/ beside it, so pip fails on the first wheel it takes from there. Mount
-# the index root instead. The edit is a no-op once the script changes that line; $0 stays the
-# script's own path, so it still finds its stand-ins.
-script=$(sed 's|^  \[ -d "\$d" \] && MOUNTS=|  case $d in */simple \| */simple/) d=${d%/}; d=${d%/simple};; esac\n&|' "$ci")
-PROJECT_DIR=$PWD exec bash -c "$script" "$ci"
+PROJECT_DIR=$root exec bash "$ci"
