@@ -1,0 +1,111 @@
+"""The media interface: where originals and thumbnails live, addressed by storage keys.
+
+The database holds keys like `originals/{image_id}.jpg` and `thumbnails/small/{sha256}.jpeg`, never
+a server path, so the data folder (or, later, a bucket) can move. One protocol, implemented by a
+local folder today (imgapi_core.media.local); `open_media(settings)` gives the configured one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from imgapi_core.settings import Settings
+
+ORIGINALS = "originals"
+THUMBNAILS = "thumbnails"
+
+_ORIGINAL_KEY = re.compile(r"originals/[A-Za-z0-9_-]{1,64}\.[a-z0-9]{1,8}")
+_THUMBNAIL_KEY = re.compile(r"thumbnails/([a-z0-9_-]{1,32})/([0-9a-f]{64})\.jpeg")
+# Ids are ours (hex); a seed database may hold others, like "img123".
+_IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SIZE = re.compile(r"[a-z0-9_-]{1,32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_EXT = re.compile(r"[a-z0-9]{1,8}")
+
+
+# Given some keys, answers those that a record still refers to.
+Referenced = Callable[[list[str]], Awaitable[set[str]]]
+
+
+class MediaMissing(FileNotFoundError):
+    """No object under that key (deleted, or lost with a disk)."""
+
+
+class OutOfSpace(OSError):
+    """The media store has no room for what was written (ENOSPC, EDQUOT)."""
+
+
+@dataclass(frozen=True)
+class MediaStat:
+    size: int
+    mtime: float
+
+
+def original_key(image_id: str, ext: str) -> str:
+    # Both parts come from the server (a random id, the sniffed format), but a key becomes a path
+    # component: refuse anything that could climb out of its folder.
+    if not (_IMAGE_ID.fullmatch(image_id) and _EXT.fullmatch(ext)):
+        raise ValueError(f"bad original key parts {image_id!r}, {ext!r}")
+    return f"{ORIGINALS}/{image_id}.{ext}"
+
+
+def thumbnail_key(size: str, sha256: str) -> str:
+    if not (_SIZE.fullmatch(size) and _SHA256.fullmatch(sha256)):
+        raise ValueError(f"bad thumbnail key parts {size!r}, {sha256!r}")
+    return f"{THUMBNAILS}/{size}/{sha256}.jpeg"
+
+
+def is_valid_key(key: str) -> bool:
+    return bool(_ORIGINAL_KEY.fullmatch(key) or _THUMBNAIL_KEY.fullmatch(key))
+
+
+def sha256_of_thumbnail(key: str) -> str | None:
+    match = _THUMBNAIL_KEY.fullmatch(key)
+    return match.group(2) if match else None
+
+
+class Media(Protocol):
+    async def close(self) -> None: ...
+
+    async def put_file(self, key: str, source: Path) -> None:
+        """Moves a finished local file under `key`, durably; never a partial object there."""
+        ...
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        """Derived data (thumbnails): whole or absent, but not necessarily durable."""
+        ...
+
+    async def read_bytes(self, key: str) -> bytes:
+        """Raises MediaMissing for a missing (or empty, after a crash) object."""
+        ...
+
+    async def stat(self, key: str) -> MediaStat | None: ...
+
+    def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the object, in chunks; memory stays flat."""
+        ...
+
+    def local_file(self, key: str) -> AbstractAsyncContextManager[Path]:
+        """A local file holding the object, for decoders that want a path (Pillow, BLIP)."""
+        ...
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Removes these objects; missing ones are fine."""
+        ...
+
+    async def sweep_orphans(self, referenced: Referenced, older_than: float) -> int:
+        """Removes objects older than `older_than` (epoch seconds) that `referenced` does not
+        claim, and leftovers of interrupted writes; returns how many went."""
+        ...
+
+
+async def open_media(settings: Settings) -> Media:
+    from imgapi_core.media.local import LocalMedia
+
+    return await LocalMedia(Path(settings.media_dir)).open()
