@@ -31,30 +31,59 @@ BLUEPRINTS = (images.bp, media.bp, system.bp)
 
 
 async def open_resources(app: Sanic) -> None:
+    """Everything a serving process holds. On any failure what was opened is closed again before
+    the error goes on: Sanic runs no after_server_stop for a server that never started, and
+    aiosqlite's threads would keep the process alive."""
     cfg: Settings = app.ctx.settings
-    if cfg.slow_callback_ms:
-        loop = asyncio.get_running_loop()
-        loop.set_debug(True)  # asyncio then logs every callback slower than the threshold
-        loop.slow_callback_duration = cfg.slow_callback_ms / 1000
-    for folder in (cfg.originals_dir, cfg.thumbnails_dir, cfg.tmp_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    removed = uploads.sweep_temp_files(cfg.tmp_dir)
-    if removed:
-        log.info("removed %d upload temp files left by a stopped process", removed)
-    app.ctx.store = await Store(cfg.db_path).open()
-    app.ctx.cpu = ThreadPoolExecutor(
-        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="imgapi-cpu"
-    )
-    app.ctx.rendering = {}
-    orphans = await remove_orphan_originals(app.ctx.store, cfg.originals_dir)
-    if orphans:
-        log.info("removed %d originals that no record refers to", orphans)
-    app.ctx.jobs = Jobs(cfg, app.ctx.store)
-    await app.ctx.jobs.start()
-    app.ctx.pipeline = Pipeline(cfg, app.ctx.store, app.ctx.cpu, app.ctx.jobs)
+    try:
+        if cfg.slow_callback_ms:
+            loop = asyncio.get_running_loop()
+            loop.set_debug(True)  # asyncio then logs every callback slower than the threshold
+            loop.slow_callback_duration = cfg.slow_callback_ms / 1000
+        try:
+            for folder in (cfg.originals_dir, cfg.thumbnails_dir, cfg.tmp_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # Names the setting to fix, not only the folder that failed.
+            raise RuntimeError(f"MEDIA_DIR={cfg.media_dir!r}: {exc}") from exc
+        removed = uploads.sweep_temp_files(cfg.tmp_dir)
+        if removed:
+            log.info("removed %d upload temp files left by a stopped process", removed)
+        try:
+            app.ctx.store = await Store(cfg.db_path).open()
+        except Exception as exc:  # whatever the store refuses, DB_PATH is the setting to look at
+            raise RuntimeError(f"DB_PATH={cfg.db_path!r}: {exc or type(exc).__name__}") from exc
+        app.ctx.cpu = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="imgapi-cpu"
+        )
+        app.ctx.rendering = {}
+        orphans = await remove_orphan_originals(app.ctx.store, cfg.originals_dir)
+        if orphans:
+            log.info("removed %d originals that no record refers to", orphans)
+        app.ctx.jobs = Jobs(cfg, app.ctx.store)
+        await app.ctx.jobs.start()
+        app.ctx.pipeline = Pipeline(cfg, app.ctx.store, app.ctx.cpu, app.ctx.jobs)
+    except BaseException:
+        try:
+            await close_resources(app)
+        except Exception as exc:  # the first error is the one to report
+            log.warning("closing after a failed start: %s: %s", type(exc).__name__, exc)
+        raise
+
+
+async def stop_uploads(app: Sanic) -> None:
+    """Uploads cancelled from now on are recorded as cut short by the shutdown."""
+    pipeline = getattr(app.ctx, "pipeline", None)
+    if pipeline is not None:
+        pipeline.begin_shutdown()
 
 
 async def close_resources(app: Sanic) -> None:
+    pipeline = getattr(app.ctx, "pipeline", None)
+    if pipeline is not None:
+        await (
+            pipeline.drain()
+        )  # records of uploads cancelled by the shutdown, before the store closes
     jobs = getattr(app.ctx, "jobs", None)
     if jobs is not None:
         await jobs.close()
@@ -103,14 +132,19 @@ async def handle_error(request: Request, exc: Exception) -> HTTPResponse:
     return json_response(records.failure(message), status=status)
 
 
-def create_app(settings: Settings | None = None, *, own_resources: bool = True) -> Sanic:
+def create_app(settings: object = None, *, own_resources: bool = True) -> Sanic:
     """One place builds the app: settings (default: environment and .env), routes, listeners.
+
+    `settings` is used only when it is a Settings: `sanic imgapi:create_app --factory` calls the
+    factory with its own argparse namespace as the first argument, which is not ours to read.
+    Settings read here are read as by a command line: a bad one is one line on stderr and exit
+    status 2 (Sanic's command line would log a ValueError with its traceback and exit 0).
 
     With own_resources=False the caller opens and closes the database, pools and job runner
     (open_resources / close_resources) itself: sanic-testing's ASGI client runs the server
     listeners around every single request, which would stop background jobs between requests.
     """
-    cfg = settings or settings_mod.load()
+    cfg = settings if isinstance(settings, Settings) else settings_mod.load_or_exit()
     app = Sanic("imgapi", dumps=lambda v: records.dumps(v).decode())
     app.ctx.settings = cfg
     app.config.REQUEST_TIMEOUT = cfg.request_timeout
@@ -134,5 +168,6 @@ def create_app(settings: Settings | None = None, *, own_resources: bool = True) 
     app.error_handler.add(Exception, handle_error)
     if own_resources:
         app.before_server_start(open_resources)
+        app.before_server_stop(stop_uploads)
         app.after_server_stop(close_resources)
     return app

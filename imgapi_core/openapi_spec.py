@@ -176,6 +176,7 @@ PATHS: dict[str, Any] = {
                 "413": _error("file or pixel count over the limit"),
                 "408": _error("the body did not arrive in time (REQUEST_TIMEOUT, UPLOAD_TIMEOUT)"),
                 "415": _error("file type or content type not allowed"),
+                "507": _error("the server has no space left to store the upload (recorded)"),
             },
         },
         "get": {

@@ -7,10 +7,11 @@ them all and raises SettingsError with a one-line message naming the first bad o
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 class SettingsError(ValueError):
@@ -50,8 +51,38 @@ def _choice(*options: str) -> Callable[[str], str]:
 
 def _redis_url(raw: str) -> str:
     value = raw.strip()
-    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+    if not value:
+        return value
+    if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+    # Parsed now by both parsers that will read it (redis-py's for the connections, arq's for the
+    # worker's RedisSettings), so that a bad port or database number stops start-up instead of
+    # failing every enqueue later. Imported here: reading settings needs no Redis client.
+    from arq.connections import RedisSettings
+    from redis.connection import parse_url
+
+    try:
+        parse_url(value)
+        # redis-py skips a database path that is not a number; arq's parser refuses it.
+        database = RedisSettings.from_dsn(value).database
+    except ValueError as exc:
+        raise ValueError(f"not a valid Redis URL ({exc})") from None
+    if database < 0:
+        raise ValueError("the database number must not be negative")
+    return value
+
+
+def _path(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _caption_model(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty (none turns captions off)")
     return value
 
 
@@ -68,8 +99,8 @@ def _text(raw: str) -> str:
 
 # (name, default, parser, help). The README's settings table is checked against this list.
 SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("DB_PATH", "./data/imgapi.db", _text, "SQLite database file (its folder is created)"),
-    ("MEDIA_DIR", "./media", _text, "folder for originals/, thumbnails/ and upload temp files"),
+    ("DB_PATH", "./data/imgapi.db", _path, "SQLite database file (its folder is created)"),
+    ("MEDIA_DIR", "./media", _path, "folder for originals/, thumbnails/ and upload temp files"),
     (
         "REDIS_URL",
         "",
@@ -80,7 +111,8 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         "WORKER",
         "inline",
         _choice("inline", "off"),
-        "inline: this process runs jobs (an arq worker when REDIS_URL is set); off: only enqueue",
+        "inline: this process runs jobs (an arq worker when REDIS_URL is set); "
+        "off: only enqueue (needs REDIS_URL)",
     ),
     ("JOB_CONCURRENCY", "4", _positive_int, "jobs one process runs at the same time"),
     ("JOB_MAX_ATTEMPTS", "3", _positive_int, "tries of a failing job before it is marked failed"),
@@ -126,7 +158,7 @@ SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     (
         "CAPTION_MODEL",
         "Salesforce/blip-image-captioning-base",
-        _text,
+        _caption_model,
         "BLIP hub id (downloaded first), a local model folder, or none: captions off",
     ),
     (
@@ -229,7 +261,11 @@ def load(
     dotenv: str | os.PathLike[str] | None = ".env",
     **overrides: Any,
 ) -> Settings:
-    """Settings from env (default os.environ) over `.env` over defaults; overrides win over all."""
+    """Settings from env (default os.environ) over `.env` over defaults; overrides win over all.
+
+    Each value is checked, then the combinations; overrides are the caller's own choice and are
+    not checked (as with Settings.replace).
+    """
     env = os.environ if env is None else env
     file_values = read_dotenv(dotenv) if dotenv else {}
     values: dict[str, Any] = {}
@@ -239,9 +275,35 @@ def load(
             values[name.lower()] = parse(raw)
         except ValueError as exc:
             raise SettingsError(f"{name}={raw!r}: {exc}") from None
+    _check_combinations(values)
     values.update(overrides)
     return Settings(**values)
 
 
+def _check_combinations(values: Mapping[str, Any]) -> None:
+    # WORKER=off only enqueues to Redis for `arq jobs.WorkerSettings`; without Redis nothing would
+    # ever run the jobs, and every upload would wait for ever.
+    if values["worker"] == "off" and not values["redis_url"]:
+        raise SettingsError(
+            "WORKER='off' needs REDIS_URL: with REDIS_URL empty nothing would run the jobs "
+            "(set REDIS_URL and run `arq jobs.WorkerSettings`, or use WORKER=inline)"
+        )
+
+
 def defaults() -> Settings:
     return load(env={}, dotenv=None)
+
+
+def exit_bad_setting(exc: SettingsError) -> NoReturn:
+    """The one line every command prints for a bad setting (the API, the arq worker,
+    `python -m models`), and exit status 2: a traceback would bury the one thing to fix."""
+    print(f"imgapi: bad setting: {exc}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_or_exit(**kwargs: Any) -> Settings:
+    """load() for a command line: a bad setting is one line on stderr and exit status 2."""
+    try:
+        return load(**kwargs)
+    except SettingsError as exc:
+        exit_bad_setting(exc)

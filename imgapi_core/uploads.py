@@ -1,9 +1,11 @@
-"""Receiving one multipart upload as a stream: the `file` part goes to a temp file while its
-SHA-256 is computed, and the size cap is enforced as bytes arrive, so memory stays flat."""
+"""Receiving one multipart upload as a stream: the `file` part's name and type are checked as
+soon as its headers arrive, then it goes to a temp file while its SHA-256 is computed, and the
+size cap is enforced as bytes arrive, so memory stays flat."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -13,12 +15,12 @@ import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 from urllib.parse import unquote
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from imgapi_core import imaging
 from imgapi_core.errors import ClientError
 
 FIELD = "file"
@@ -30,9 +32,42 @@ OVERHEAD = 64 * 1024
 TEMP_PREFIX = "upload-"
 
 
+# A full disk, or the writing user's quota used up: the client can do nothing about either.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+# Numbers a client sends (query parameters, Content-Length) are ASCII digits and nothing else.
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+_MAX_DIGITS = 30
+
+
+def whole_number(text: str | None) -> int | None:
+    """A non-negative whole number sent by a client, or None when `text` is not one.
+
+    The one way numbers from clients are read: str.isdigit() and int() also accept "²" (isdigit
+    is true, then int raises), "١٢", " 12", "+1" or "1_0", and int() raises past 4300 digits.
+    Only ASCII digits are taken; a number of more than 30 significant digits comes back as 10**30,
+    which is above every limit it is compared with."""
+    if text is None or not _ASCII_DIGITS.fullmatch(text):
+        return None
+    significant = text.lstrip("0")
+    if len(significant) > _MAX_DIGITS:
+        return 10**_MAX_DIGITS
+    return int(significant or "0")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
 class TooLarge(ClientError):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"file is larger than the limit of {limit} bytes")
+
+
+class NoSpace(ClientError):
+    """507 Insufficient Storage: the upload is fine, the server's disk (or quota) is full."""
+
+    def __init__(self) -> None:
+        super().__init__(507, "the server has no space left to store this upload")
 
 
 @dataclass
@@ -42,16 +77,29 @@ class Received:
     temp_path: Path | None = None
     size: int = 0
     sha256: str = ""
-    _file: IO[bytes] | None = field(default=None, repr=False)
+    # The temp file's descriptor, written with os.write: no buffer that could hold back (and
+    # later fail to flush) bytes the size cap and the hash already counted.
+    _fd: int | None = field(default=None, repr=False)
 
     def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        # Cleanup after an error: a failing close() must not hide that error or keep the file.
+        with contextlib.suppress(OSError):
+            self._close()
         if self.temp_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.temp_path.unlink()
             self.temp_path = None
+
+    def _close(self) -> None:
+        """Closes the temp file's descriptor once; errors of close() itself are the caller's."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def temp_owner() -> str:
@@ -86,23 +134,30 @@ def boundary_of(content_type: str | None) -> bytes:
 
 
 _FILENAME_STAR = re.compile(r";\s*filename\*\s*=\s*([^;]+)", re.IGNORECASE)
+# RFC 5987 allows these two charsets (RFC 8187, which replaces it, only UTF-8); "latin1" is an
+# alias of ISO-8859-1 in the IANA charset registry. Any other name is refused rather than handed
+# to Python's codec lookup, which knows codecs such as "idna" or "utf-16" that no client means.
+_STAR_CHARSETS = {"utf-8": "utf-8", "iso-8859-1": "iso-8859-1", "latin1": "iso-8859-1"}
 
 
-def _part_name_and_filename(disposition: bytes) -> tuple[str, str | None]:
-    _kind, params = parse_options_header(disposition)
-    name = params.get(b"name", b"").decode("utf-8", "replace")
-    filename: str | None = None
-    # RFC 5987 `filename*=UTF-8''percent-encoded`, which some clients send for non-ASCII names.
-    # python-multipart drops starred parameters, so it is read from the raw header.
+def _extended_filename(disposition: bytes) -> str | None:
+    """The RFC 5987 `filename*=UTF-8''percent-encoded` parameter, which some clients send for
+    non-ASCII names; None when absent or empty. python-multipart drops starred parameters, so it
+    is read from the raw header."""
     star = _FILENAME_STAR.search(disposition.decode("latin-1"))
-    if star:
-        charset, _, encoded = star.group(1).strip().strip('"').partition("'")
-        encoded = encoded.partition("'")[2]  # skip the optional language tag
-        with contextlib.suppress(LookupError):
-            filename = unquote(encoded, encoding=charset or "utf-8", errors="replace") or None
-    if filename is None and b"filename" in params:
-        filename = params[b"filename"].decode("utf-8", "replace")
-    return name, filename
+    if not star:
+        return None
+    charset, _, rest = star.group(1).strip().strip('"').partition("'")
+    _language, quote, encoded = rest.partition("'")
+    if not quote:
+        raise ClientError(400, "filename* is not of the form charset'language'percent-encoded")
+    codec = _STAR_CHARSETS.get(charset.strip().lower())
+    if codec is None:
+        shown = "".join(ch if ch.isprintable() else "?" for ch in charset)[:40]
+        raise ClientError(
+            400, f'filename* charset "{shown}" is not supported (use UTF-8 or ISO-8859-1)'
+        )
+    return unquote(encoded, encoding=codec, errors="replace") or None
 
 
 class _Receiver:
@@ -150,31 +205,40 @@ class _Receiver:
         self._header_field = self._header_value = b""
 
     def on_headers_finished(self) -> None:
-        name, filename = _part_name_and_filename(self._headers.get(b"content-disposition", b""))
-        if name != FIELD:
+        disposition = self._headers.get(b"content-disposition", b"")
+        _kind, params = parse_options_header(disposition)
+        if params.get(b"name", b"").decode("utf-8", "replace") != FIELD:
             return
         result = self.result
         if result.temp_path is not None:
             raise ClientError(400, f"more than one `{FIELD}` part in the form")
-        result.original_name = clean_name(filename or "")
+        # The plain name first: an upload refused for its filename* is recorded under it.
+        plain = params.get(b"filename")
+        result.original_name = clean_name(plain.decode("utf-8", "replace") if plain else "")
+        extended = _extended_filename(disposition)
+        if extended is not None:
+            result.original_name = clean_name(extended)
         ctype = self._headers.get(b"content-type")
         result.content_type = ctype.decode("latin-1").strip() if ctype else None
+        # Name and type are known now, before the first byte of the file: a refused one is not
+        # read any further, and never written to disk.
+        imaging.check_name_and_type(result.original_name, result.content_type)
         fd, path = tempfile.mkstemp(prefix=temp_owner(), suffix=".part", dir=self.tmp_dir)
         result.temp_path = Path(path)
-        result._file = os.fdopen(fd, "wb")
+        result._fd = fd
         self._in_file = True
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if not self._in_file:
             return  # other form fields are read past, never kept
-        chunk = data[start:end]
+        chunk = memoryview(data)[start:end]
         result = self.result
         result.size += len(chunk)
         if result.size > self.max_bytes:
             raise TooLarge(self.max_bytes)
         self._hash.update(chunk)
-        assert result._file is not None
-        result._file.write(chunk)
+        assert result._fd is not None
+        _write_all(result._fd, chunk)
 
     def on_part_end(self) -> None:
         self._in_file = False
@@ -190,9 +254,7 @@ class _Receiver:
             raise ClientError(
                 400, f"no `{FIELD}` part in the form (send it with -F {FIELD}=@photo.jpg)"
             )
-        assert result._file is not None
-        result._file.close()
-        result._file = None
+        result._close()  # close() reports deferred write errors (quota on NFS): inside the try
         result.sha256 = self._hash.hexdigest()
         return result
 
@@ -226,6 +288,14 @@ async def receive(
         err = ClientError(400, f"malformed multipart body: {exc}")
         err.received = receiver.result  # type: ignore[attr-defined]
         raise err from None
+    except OSError as exc:
+        receiver.result.discard()
+        if not is_no_space(exc):
+            exc.received = receiver.result  # type: ignore[attr-defined]
+            raise
+        full = NoSpace()
+        full.received = receiver.result  # type: ignore[attr-defined]
+        raise full from exc
     except BaseException as exc:
         receiver.result.discard()
         exc.received = receiver.result  # type: ignore[attr-defined]
@@ -244,9 +314,9 @@ def sweep_temp_files(tmp_dir: Path) -> int:
         if len(parts) < 3:
             continue
         owner_host, pid_text = "-".join(parts[:-2]), parts[-2]
-        if owner_host != host or not pid_text.isdigit():
+        pid = whole_number(pid_text)
+        if owner_host != host or pid is None:
             continue
-        pid = int(pid_text)
         if pid != me and _alive(pid):
             continue
         with contextlib.suppress(FileNotFoundError):
@@ -258,7 +328,7 @@ def sweep_temp_files(tmp_dir: Path) -> int:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no process has such a pid
         return False
     except PermissionError:
         return True

@@ -10,16 +10,21 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import re
 import socket
+import sys
+from collections.abc import ItemsView
 from typing import Any
 
+import redis
 from arq.connections import RedisSettings
 
 from imgapi_core import dispatch
 from imgapi_core import settings as settings_mod
 from imgapi_core.logs import setup_logging
 from imgapi_core.runtime import Runtime, retry_delay
-from imgapi_core.settings import Settings
+from imgapi_core.settings import Settings, SettingsError
 from imgapi_core.store import Store
 
 log = logging.getLogger("imgapi.jobs")
@@ -27,6 +32,8 @@ log = logging.getLogger("imgapi.jobs")
 ARQ_JOB_TIMEOUT_S = 300
 # arq's own retry count: the jobs table decides retries; arq only re-runs after a worker death.
 ARQ_MAX_TRIES = 1000
+# arq writes the health key this often, with a time to live one second longer.
+HEALTH_CHECK_INTERVAL_S = 5
 
 
 # -- arq job functions --------------------------------------------------------------------------
@@ -76,10 +83,8 @@ def worker_options(cfg: Settings) -> dict[str, Any]:
         "job_timeout": ARQ_JOB_TIMEOUT_S,
         "keep_result": 0,  # results live in the jobs table; a finished id may be enqueued again
         "max_tries": ARQ_MAX_TRIES,
-        "health_check_interval": 5,
-        # One key per worker host: scaled workers share a queue, and a worker that stops deletes
-        # its key (`arq --check` runs in the worker's own container, so it reads the same name).
-        "health_check_key": f"{cfg.arq_queue}:health-check:{socket.gethostname()}",
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "health_check_key": health_check_key(cfg),
         "on_startup": worker_startup,
         "on_shutdown": worker_shutdown,
     }
@@ -140,12 +145,82 @@ async def worker_shutdown(ctx: dict[str, Any]) -> None:
         await store.close()
 
 
+# -- health ----------------------------------------------------------------------------------
+
+
+def health_check_key(cfg: Settings, host: str | None = None, pid: int | None = None) -> str:
+    """One key per worker process: a worker that stops deletes its key, and with one key per host
+    it would delete the key of every other worker on that host too."""
+    return f"{_health_key_prefix(cfg, host)}{os.getpid() if pid is None else pid}"
+
+
+def _health_key_prefix(cfg: Settings, host: str | None) -> str:
+    return f"{cfg.arq_queue}:health-check:{socket.gethostname() if host is None else host}:"
+
+
+def live_health_key(cfg: Settings, host: str | None = None) -> str | None:
+    """A health key of a live worker on this host (arq lets it expire a second after its
+    interval), or None. `--check` runs in a process of its own and cannot know the worker's pid."""
+    pattern = _glob_escape(_health_key_prefix(cfg, host)) + "*"
+    client = redis.Redis.from_url(cfg.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        key = next(client.scan_iter(match=pattern, count=1000), None)
+    finally:
+        client.close()
+    return key.decode() if key is not None else None
+
+
+def health(cfg: Settings) -> tuple[bool, str]:
+    """Whether a worker of this host is alive, and what was found (for a one-line report)."""
+    if not cfg.redis_url:
+        return False, "REDIS_URL is empty, so no arq worker can run"
+    try:
+        key = live_health_key(cfg)
+    except redis.RedisError as exc:
+        return False, f"cannot reach Redis: {exc}"
+    if key is None:
+        return False, f"no live arq worker on {socket.gethostname()}"
+    return True, f"arq worker alive ({key})"
+
+
+def check_health(cfg: Settings) -> int:
+    """`arq jobs.WorkerSettings --check`: 0 when a worker of this host is alive, else 1."""
+    alive, what = health(cfg)
+    if alive:
+        print(f"imgapi: healthy: {what}")
+        return 0
+    print(f"imgapi: unhealthy: {what}", file=sys.stderr)
+    return 1
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _arq_health_check() -> bool:
+    # arq gives the settings no sign of why they are read; its command line decides by this flag.
+    return "--check" in sys.argv[1:]
+
+
 class _WorkerSettings(dict):
     """arq reads its worker settings with `.items()`: built from the environment when arq asks,
     so importing this module reads nothing and connects to nothing."""
 
-    def items(self):  # type: ignore[override]
-        return worker_options(settings_mod.load()).items()
+    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+        try:
+            cfg = settings_mod.load()
+            if not cfg.redis_url:
+                raise SettingsError(
+                    "REDIS_URL is empty: `arq jobs.WorkerSettings` takes its jobs from Redis"
+                )
+        except SettingsError as exc:
+            # arq would print a traceback; this is the service's one line, and exit status 2.
+            settings_mod.exit_bad_setting(exc)
+        if _arq_health_check():
+            # `arq jobs.WorkerSettings --check`: arq's own check reads one fixed key, but each
+            # worker process has its own (health_check_key), so this one answers it instead.
+            raise SystemExit(check_health(cfg))
+        return worker_options(cfg).items()
 
 
 WorkerSettings = _WorkerSettings()

@@ -7,6 +7,5 @@ they are imported when a model is loaded.
 from models.captioner import Captioner
 from models.errors import NOT_INSTALLED, CaptionError
 
-DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
-
-__all__ = ["DEFAULT_MODEL", "NOT_INSTALLED", "CaptionError", "Captioner"]
+# The default model is CAPTION_MODEL's default, declared once in imgapi_core.settings.
+__all__ = ["NOT_INSTALLED", "CaptionError", "Captioner"]

@@ -8,24 +8,32 @@ import os
 import sys
 from collections.abc import Sequence
 
-from models import DEFAULT_MODEL
-from models.download import DEFAULT_TIMEOUT_S, DownloadError, download, find_token
+# The service's settings, read the service's way (environment over .env over defaults): the one
+# source of CAPTION_MODEL, its default and HF_TOKEN. Nothing else of the service is imported.
+from imgapi_core import settings as settings_mod
+from models.download import DEFAULT_TIMEOUT_S, DownloadError, download
 from models.errors import NOT_INSTALLED, CaptionError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    cfg = settings_mod.load_or_exit()  # a bad setting: the service's one line, exit status 2
+    if args.model:
+        cfg = cfg.replace(caption_model=args.model)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = args.model or os.environ.get("CAPTION_MODEL") or DEFAULT_MODEL
-    if model == "none":
-        print("CAPTION_MODEL is 'none': captions are off, nothing to download")
+    model = cfg.caption_model
+    if not cfg.captions_enabled:
+        print(f"CAPTION_MODEL is {model!r}: captions are off, nothing to download")
         return 0
     if os.path.isdir(model):
         print(f"{model} is a local directory: nothing to download")
         return 0
     try:
         path = download(
-            model, token=find_token(args.token), cache_dir=args.cache_dir, timeout_s=args.timeout
+            model,
+            token=args.token or cfg.hf_token or None,
+            cache_dir=args.cache_dir,
+            timeout_s=args.timeout,
         )
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -56,10 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("download", help="download a caption model into the HF cache")
+    default_model = settings_mod.defaults().caption_model
     fetch.add_argument(
-        "model", nargs="?", help=f"hub id (default: $CAPTION_MODEL, else {DEFAULT_MODEL})"
+        "model",
+        nargs="?",
+        help=f"hub id (default: CAPTION_MODEL from the environment or .env, else {default_model})",
     )
-    fetch.add_argument("--token", help="hub token (default: $HF_TOKEN, else HF_TOKEN in .env)")
+    fetch.add_argument("--token", help="hub token (default: HF_TOKEN from the environment or .env)")
     fetch.add_argument("--cache-dir", help="cache folder (default: the HF cache, $HF_HOME)")
     fetch.add_argument(
         "--timeout",

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
-import os
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 from models.errors import NOT_INSTALLED
 
@@ -22,23 +20,6 @@ DEFAULT_TIMEOUT_S = 600.0
 
 class DownloadError(Exception):
     pass
-
-
-def find_token(explicit: str | None = None, env_file: Path = Path(".env")) -> str | None:
-    """The hub token: `explicit`, else $HF_TOKEN, else HF_TOKEN in `env_file`, else None."""
-    if explicit:
-        return explicit
-    if os.environ.get("HF_TOKEN"):
-        return os.environ["HF_TOKEN"]
-    try:
-        lines = env_file.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        key, sep, value = line.strip().removeprefix("export ").partition("=")
-        if sep and key.strip() == "HF_TOKEN":
-            return value.strip().strip("'\"") or None
-    return None
 
 
 def download(

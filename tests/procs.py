@@ -215,3 +215,45 @@ class RedisServer:
         if self.proc is not None:
             self.proc.kill()
             self.proc = None
+
+
+def start_sanic_cli(
+    settings_env: dict[str, str], log: Path, *, port: int | None = None, ready_within: float = 30
+) -> Proc:
+    """`sanic imgapi:create_app --factory` (the README's other way to serve); waits for /healthz."""
+    port = port or free_port()
+    args = [sys.executable, "-m", "sanic", "imgapi:create_app", "--factory"]
+    args += ["--host", "127.0.0.1", "--port", str(port)]
+    proc = _spawn(args, service_env(settings_env), log)
+    proc.url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(
+                f"sanic exited with {proc.popen.returncode}:\n{proc.output()[-3000:]}"
+            )
+        with urllib.request.urlopen(proc.url + "/healthz", timeout=1) as res:
+            return res.status == 200
+
+    try:
+        wait_until(healthy, ready_within, "sanic")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def run_command(
+    args: list[str], settings_env: dict[str, str], cwd: Path, *, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """A command that should end by itself (a failed start, a health check), run to its end.
+    The timeout turns a hang into a failed test (subprocess.TimeoutExpired)."""
+    return subprocess.run(
+        args,
+        cwd=cwd,
+        env=service_env(settings_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )

@@ -22,7 +22,6 @@ from tiny_blip import SPECIAL, WORDS, build_tiny_blip
 
 from models import NOT_INSTALLED, Captioner, CaptionError
 from models.batcher import MicroBatcher
-from models.download import find_token
 from models.images import shrink_for_caption
 
 # Everything imported above works without the caption extra; these need it.
@@ -557,16 +556,3 @@ def test_download_gives_up_at_its_timeout(tmp_path: Path) -> None:
         server.close()
     assert done.returncode == 1, done.stderr
     assert "did not finish within 2s" in done.stderr
-
-
-def test_the_token_comes_from_argument_then_environment_then_dotenv(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    env_file = tmp_path / ".env"
-    env_file.write_text("# settings\nOTHER=1\nexport HF_TOKEN='hf_from_file'\n")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    assert find_token(None, env_file) == "hf_from_file"
-    assert find_token(None, tmp_path / "absent.env") is None
-    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
-    assert find_token(None, env_file) == "hf_from_env"
-    assert find_token("hf_given", env_file) == "hf_given"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
+import yaml
 from conftest import REPO
+from sanic.config import DEFAULT_CONFIG
 
 from imgapi_core import settings
 
@@ -33,3 +35,24 @@ def test_readme_lists_no_setting_that_does_not_exist() -> None:
 def test_readme_has_the_run_and_test_commands() -> None:
     assert "python imgapi.py" in README
     assert re.search(r"pip install torch==2\.13\.0 .*python -m pytest", README)
+
+
+def test_api_shutdown_ends_before_compose_kills_the_container() -> None:
+    # After SIGTERM Sanic lets requests finish for GRACEFUL_SHUTDOWN_TIMEOUT, then closes the
+    # database; compose sends SIGKILL when stop_grace_period is over, so that must come later.
+    api = yaml.safe_load((REPO / "compose.yaml").read_text(encoding="utf-8"))["services"]["api"]
+    graceful = float(
+        api["environment"].get(
+            "SANIC_GRACEFUL_SHUTDOWN_TIMEOUT", DEFAULT_CONFIG["GRACEFUL_SHUTDOWN_TIMEOUT"]
+        )
+    )
+    grace = re.fullmatch(r"(\d+)s", str(api.get("stop_grace_period", "10s")))
+    assert grace, f"stop_grace_period {api.get('stop_grace_period')!r}: write it in seconds"
+    assert graceful < int(grace.group(1)), (graceful, api.get("stop_grace_period"))
+
+
+def test_readme_keeps_workers_on_the_apis_host() -> None:
+    # SQLite's locking needs one host: the jobs table must not send workers to other machines.
+    row = next(line for line in README.splitlines() if line.startswith("| set | `off` |"))
+    assert "same host" in row, row
+    assert "they must run on one host" in README

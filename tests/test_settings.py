@@ -50,6 +50,7 @@ def test_env_wins_over_dotenv_which_wins_over_defaults(tmp_path):
         "\n"
         "MAX_PIXELS=1000\n"
         "WORKER=off\n"
+        "REDIS_URL=redis://127.0.0.1:6379/3\n"
         "export HF_TOKEN='hf_from_file'\n"
         'CAPTION_MODEL="none"\n'
         "not a setting line\n"
@@ -58,6 +59,7 @@ def test_env_wins_over_dotenv_which_wins_over_defaults(tmp_path):
     assert cfg.max_pixels == 2000  # env
     assert cfg.db_path == "/x/y.db"  # env, not in the file
     assert cfg.worker == "off"  # .env
+    assert cfg.redis_url == "redis://127.0.0.1:6379/3"  # .env
     assert cfg.hf_token == "hf_from_file"  # .env, `export` and quotes stripped
     assert cfg.caption_model == "none" and not cfg.captions_enabled
     assert cfg.max_upload_bytes == 50_000_000  # default
@@ -78,10 +80,16 @@ def test_load_reads_os_environ_by_default(tmp_path, monkeypatch):
 
 def test_values_are_normalised():
     cfg = settings_mod.load(
-        env={"WORKER": " OFF ", "PUBLIC_URL": "https://img.example.com/", "LOG_LEVEL": "DEBUG"},
+        env={
+            "WORKER": " OFF ",
+            "REDIS_URL": " redis://127.0.0.1:6379/0 ",
+            "PUBLIC_URL": "https://img.example.com/",
+            "LOG_LEVEL": "DEBUG",
+        },
         dotenv=None,
     )
     assert cfg.worker == "off"
+    assert cfg.redis_url == "redis://127.0.0.1:6379/0"
     assert cfg.public_url == "https://img.example.com"
     assert cfg.log_level == "debug"
 
@@ -95,6 +103,15 @@ def test_values_are_normalised():
         ("MAX_UPLOAD_BYTES", "1.5"),
         ("WORKER", "maybe"),
         ("REDIS_URL", "http://x"),
+        ("REDIS_URL", "redis://127.0.0.1:notaport"),
+        ("REDIS_URL", "redis://127.0.0.1:99999/0"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/x"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/-1"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=soon"),
+        ("DB_PATH", ""),
+        ("DB_PATH", "  "),
+        ("MEDIA_DIR", ""),
+        ("CAPTION_MODEL", ""),
         ("CAPTION_DEVICE", "tpu"),
         ("JOB_LEASE_SECONDS", "0"),
         ("SWEEP_SECONDS", "nan"),
@@ -117,6 +134,27 @@ def test_bad_value_in_dotenv_is_named_too(tmp_path):
         settings_mod.load(env={}, dotenv=dotenv)
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379", "redis://:pw@h:6380/2", "rediss://h/0?db=3", "unix:///r.sock"]
+)
+def test_good_redis_urls_pass(url):
+    assert settings_mod.load(env={"REDIS_URL": url}, dotenv=None).redis_url == url
+
+
+@pytest.mark.parametrize("where", ["env", "dotenv"])
+def test_worker_off_needs_redis_url(tmp_path, where):
+    # The API would only enqueue, and there is no queue: nothing would ever run the jobs.
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WORKER=off\n" if where == "dotenv" else "")
+    env = {"WORKER": "off"} if where == "env" else {}
+    with pytest.raises(SettingsError) as caught:
+        settings_mod.load(env=env, dotenv=dotenv)
+    message = str(caught.value)
+    assert message.startswith("WORKER='off' needs REDIS_URL") and "\n" not in message
+    cfg = settings_mod.load(env={**env, "REDIS_URL": "redis://h:6379/0"}, dotenv=dotenv)
+    assert cfg.worker == "off"
+
+
 def test_replace_keeps_the_rest():
     cfg = settings_mod.defaults()
     changed = cfg.replace(worker="off")
@@ -125,7 +163,14 @@ def test_replace_keeps_the_rest():
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("MAX_PIXELS", "abc"), ("WORKER", "maybe"), ("REDIS_URL", "http://x")]
+    ("name", "value"),
+    [
+        ("MAX_PIXELS", "abc"),
+        ("WORKER", "maybe"),
+        ("REDIS_URL", "http://x"),
+        ("REDIS_URL", "redis://127.0.0.1:notaport"),
+        ("CAPTION_MODEL", ""),
+    ],
 )
 def test_start_with_a_bad_value_exits_with_one_line_on_stderr(tmp_path, name, value):
     names = {setting for setting, *_ in settings_mod.SETTINGS}

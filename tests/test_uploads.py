@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
@@ -172,7 +173,8 @@ async def test_raw_cr_lf_in_a_file_name_never_reaches_the_name(tmp_dir):
     try:
         received = await receive(tmp_dir, data)
     except ClientError as exc:
-        assert exc.status == 400
+        # 400 for the broken header, or 415 when the name is read as "evil" (no extension).
+        assert exc.status in (400, 415)
         assert list(tmp_dir.iterdir()) == []
         return
     try:
@@ -205,8 +207,73 @@ async def test_rfc5987_filename_star_is_decoded(tmp_dir):
         received.discard()
     with_language = b"\"x.jpg\"; filename*=utf-8'en'%C3%A9t%C3%A9.jpg"
     assert await name_of(tmp_dir, with_language) == "été.jpg"
-    unknown_charset = b"\"plain.jpg\"; filename*=x-nonsense''%C3%A9.jpg"
-    assert await name_of(tmp_dir, unknown_charset) == "plain.jpg"
+    latin = b"\"x.jpg\"; filename*=ISO-8859-1''caf%E9.jpg"
+    assert await name_of(tmp_dir, latin) == "café.jpg"
+    assert await name_of(tmp_dir, latin.replace(b"ISO-8859-1", b"latin1")) == "café.jpg"
+    assert await name_of(tmp_dir, b"\"plain.jpg\"; filename*=UTF-8''") == "plain.jpg"
+
+
+@pytest.mark.parametrize(
+    "ext_value",
+    [
+        b"idna''%41.jpg",  # a codec that rejects errors="replace": was a 500
+        b"utf-16''%41%00.jpg",
+        b"punycode''a.jpg",
+        b"rot13''n.jpg",  # not a text codec at all
+        b"x-nonsense''%C3%A9.jpg",
+        b"''a.jpg",  # no charset
+        b"iso8859-1''a.jpg",  # Python's spelling, not a registered charset name
+        b"a.jpg",  # no charset'language' prefix
+    ],
+)
+async def test_filename_star_with_another_charset_is_400_under_the_plain_name(tmp_dir, ext_value):
+    """RFC 5987 allows UTF-8 and ISO-8859-1 only; other charsets are a clear 400, and the
+    failure keeps the plain filename= (when there is one) to be recorded under."""
+    data = body(file_part(b'"plain.jpg"; filename*=' + ext_value))
+    err = await rejected(tmp_dir, data, 400)
+    assert "filename*" in err.message, err.message
+    assert err.received.original_name == "plain.jpg"
+    only_star = part(b'form-data; name="file"; filename*=' + ext_value, PAYLOAD)
+    err = await rejected(tmp_dir, body(only_star), 400)
+    assert err.received.original_name == ""
+
+
+# -- name and type are checked before the file is read --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filename", "ctype", "words"),
+    [
+        (b'"setup.exe"', b"image/jpeg", ".exe"),
+        (b'"noextension"', b"image/jpeg", "extension"),
+        (b'"photo.jpg"', b"application/x-msdownload", "application/x-msdownload"),
+    ],
+)
+async def test_refused_name_or_type_stops_before_the_file_is_read(tmp_dir, filename, ctype, words):
+    """415 as soon as the part's headers are in: no more of the body is read, no temp file."""
+    read = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal read
+        yield file_part(filename, content=b"", ctype=ctype)[:-2]  # headers, then data for ever
+        while True:
+            read += 1
+            assert list(tmp_dir.iterdir()) == [], "a temp file was made for a refused part"
+            yield b"MZ" * 4096
+
+    with pytest.raises(ClientError) as caught:
+        await uploads.receive(endless(), CTYPE, tmp_dir, 100 * MAX)
+    assert caught.value.status == 415, caught.value.message
+    assert words in caught.value.message
+    assert read == 0, f"{read} chunks of a refused file were read"
+    assert caught.value.received.original_name == filename.strip(b'"').decode()
+    assert list(tmp_dir.iterdir()) == []
+
+
+async def test_only_the_file_part_is_checked(tmp_dir):
+    other = part(b'form-data; name="doc"; filename="notes.exe"', b"MZ", ctype=b"text/plain")
+    received = await receive(tmp_dir, body(other, file_part()))
+    received.discard()
 
 
 # -- malformed requests -------------------------------------------------------------------------
@@ -302,6 +369,73 @@ async def test_whole_body_cap_covers_other_form_fields(tmp_dir):
     await rejected(tmp_dir, body(big_note, file_part(content=b"x")), 413, max_bytes=10)
 
 
+# -- a full disk --------------------------------------------------------------------------------
+
+
+def fail_writes_to(folder: Path, monkeypatch: pytest.MonkeyPatch, err: int, after: int = 0) -> None:
+    """os.write fails with `err` once `after` bytes went to files in `folder`, as on a full disk
+    (other descriptors, such as the event loop's, write as usual)."""
+    real_write = os.write
+    written = 0
+
+    def write(fd: int, data) -> int:
+        nonlocal written
+        if os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")) == str(folder):
+            if written + len(data) > after:
+                raise OSError(err, os.strerror(err))
+            written += len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("after", [0, 5000])
+async def test_no_space_for_the_temp_file_is_507(tmp_dir, monkeypatch, err, after):
+    fail_writes_to(tmp_dir, monkeypatch, err, after)
+    failure = await rejected(tmp_dir, body(file_part()), 507)
+    assert isinstance(failure, uploads.NoSpace)
+    assert failure.message == "the server has no space left to store this upload"
+    assert failure.received.original_name == "photo.jpg"  # for the failure record
+    assert failure.received.temp_path is None
+
+
+async def test_no_space_when_the_temp_file_is_made_or_closed_is_507(tmp_dir, monkeypatch):
+    def no_inode(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(uploads.tempfile, "mkstemp", no_inode)
+        await rejected(tmp_dir, body(file_part()), 507)
+    # close() reports a write that failed late (NFS, quota): once, for the temp file.
+    real_close = os.close
+    real_mkstemp = uploads.tempfile.mkstemp
+    temp_fds: set[int] = set()
+
+    def mkstemp(*args, **kwargs):
+        fd, path = real_mkstemp(*args, **kwargs)
+        temp_fds.add(fd)
+        return fd, path
+
+    def failing_close(fd: int) -> None:
+        real_close(fd)
+        if fd in temp_fds:
+            temp_fds.discard(fd)
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(uploads.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "close", failing_close)
+    await rejected(tmp_dir, body(file_part()), 507)
+
+
+async def test_other_write_errors_are_not_507(tmp_dir, monkeypatch):
+    fail_writes_to(tmp_dir, monkeypatch, errno.EIO)
+    with pytest.raises(OSError) as caught:
+        await receive(tmp_dir, body(file_part()))
+    assert caught.value.errno == errno.EIO
+    assert list(tmp_dir.iterdir()) == []
+
+
 # -- every error removes the temp file ----------------------------------------------------------
 
 
@@ -390,6 +524,43 @@ def test_sweep_removes_dead_processes_files_and_keeps_live_siblings(tmp_dir):
         sibling.wait(10)
     assert uploads.sweep_temp_files(tmp_dir) == 1  # the sibling is gone now
     assert names["live"] not in {p.name for p in tmp_dir.iterdir()}
+
+
+def test_sweep_survives_pids_that_are_not_numbers_or_cannot_exist(tmp_dir):
+    """A pid of "²" (isdigit() is true, then int() raised ValueError) or one past the C int range
+    (os.kill raised OverflowError) stopped the start-up sweep, and with it the server's start."""
+    odd = temp_name(0, suffix="y").replace("-0-", "-²-")
+    impossible = temp_name(10**40)
+    for name in (odd, impossible):
+        (tmp_dir / name).write_bytes(b"partial")
+    assert uploads.sweep_temp_files(tmp_dir) == 1  # no process has that pid: a leftover
+    assert [p.name for p in tmp_dir.iterdir()] == [odd]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("0", 0), ("7", 7), ("0100", 100), ("1000", 1000), ("9" * 30, 10**30 - 1)],
+)
+def test_whole_number_reads_ascii_digits(text, value):
+    assert uploads.whole_number(text) == value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        *(None, "", "²", "١٢", "１２", "𝟙", "Ⅻ", "½"),
+        *(" 12", "12 ", "12\n", "+1", "-1", "1_0", "1.5", "0x10"),
+    ],
+)
+def test_whole_number_refuses_everything_else(text):
+    """str.isdigit() is true for "²" (and int() then raises), int() takes "١٢", " 12", "1_0"."""
+    assert uploads.whole_number(text) is None
+
+
+def test_whole_number_of_thousands_of_digits_is_larger_than_any_limit():
+    # int() raises ValueError past 4300 digits.
+    assert uploads.whole_number("9" * 5000) > 10**18
+    assert uploads.whole_number("0" * 5000 + "12") == 12
 
 
 def test_sweep_of_an_empty_or_unrelated_folder(tmp_dir):

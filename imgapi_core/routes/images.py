@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sanic import Blueprint, HTTPResponse, Request
 
-from imgapi_core import imaging, records
+from imgapi_core import imaging, records, uploads
 from imgapi_core.errors import ClientError
 from imgapi_core.routes import base_url, json_response
 from imgapi_core.settings import Settings
@@ -54,6 +54,8 @@ async def upload(request: Request) -> HTTPResponse:
             # Do not wait for the rest of a body that is not coming: close after the answer.
             request.stream.request_max_size = 0
             request.stream.keep_alive = False
+        elif getattr(request.stream, "expecting_continue", False):
+            refuse_unread_body(request)
         body = records.failure(
             outcome.error.message,
             image_id=outcome.image_id,
@@ -66,14 +68,26 @@ async def upload(request: Request) -> HTTPResponse:
     return json_response(body, status=201, headers={"Location": f"/api/images/{outcome.image_id}"})
 
 
+def refuse_unread_body(request: Request) -> None:
+    """The client sent `Expect: 100-continue` and its body has not been read (a declared length
+    over the cap, a body that is not multipart): it waits for our go-ahead. Sanic's HTTP/1 sends
+    `100 Continue` on the first read of the body, or else in front of the final answer (unless
+    that is a 417); neither must happen here. So the go-ahead is withdrawn, and as the client may
+    send its body anyway (RFC 9110, 10.1.1), the connection closes after the answer instead of
+    reading that body as the next request."""
+    stream = request.stream
+    stream.expecting_continue = False
+    stream.keep_alive = False
+    stream.request_body = None  # nothing to drain: the client was never told to send it
+
+
 @bp.get("/api/images", name="list_images")
 async def list_images(request: Request) -> HTTPResponse:
     store = request.app.ctx.store
     args = request.args
-    raw_limit = args.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+    limit = uploads.whole_number(args.get("limit", "100"))
+    if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
         raise ClientError(400, f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}")
-    limit = int(raw_limit)
     status = args.get("status")
     if status not in (None, "success", "failed"):
         raise ClientError(400, "status must be success or failed")
