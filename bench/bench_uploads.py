@@ -178,14 +178,18 @@ async def wait_for_jobs(client: httpx.AsyncClient, url: str, within: float) -> f
 def api_server(workroot: Path | None, label: str, workers: int, **env: str) -> Iterator[procs.Proc]:
     """`python imgapi.py` on a fresh database and media folder, removed afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix=f"imgapi-bench-{label}-", dir=workroot))
-    proc = procs.start_api(
-        common.service_settings(workdir, **env), workdir / "api.log", workers=workers
-    )
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        if env.get("WORKER") == "off" and not env.get("REDIS_URL"):
+            # WORKER=off needs a queue: a private Redis that no worker reads.
+            env["REDIS_URL"] = stack.enter_context(procs.redis_server(workdir / "redis")).url
+        proc = procs.start_api(
+            common.service_settings(workdir, **env), workdir / "api.log", workers=workers
+        )
+        try:
+            yield proc
+        finally:
+            proc.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def log_offset(proc: procs.Proc) -> int:
