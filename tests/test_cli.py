@@ -168,7 +168,10 @@ def test_the_sanic_factory_command_with_a_bad_setting_exits_with_one_line(tmp_pa
 
 def image_healthcheck() -> list[str]:
     """The Containerfile's HEALTHCHECK command, run here with this Python."""
-    text = (REPO / "Containerfile").read_text()
+    containerfile = REPO / "Containerfile"
+    if not containerfile.exists():  # inside the image, which leaves its build files out
+        pytest.skip("optional: the Containerfile is not in this tree (the test image)")
+    text = containerfile.read_text()
     found = re.search(r"^HEALTHCHECK [^\n]*\\\n\s*CMD (\[.*\])$", text, flags=re.M)
     assert found, "the Containerfile has no HEALTHCHECK ... CMD [...]"
     command = json.loads(found.group(1))

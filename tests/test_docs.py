@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 from conftest import REPO
 from sanic.config import DEFAULT_CONFIG
@@ -40,7 +41,10 @@ def test_readme_has_the_run_and_test_commands() -> None:
 def test_api_shutdown_ends_before_compose_kills_the_container() -> None:
     # After SIGTERM Sanic lets requests finish for GRACEFUL_SHUTDOWN_TIMEOUT, then closes the
     # database; compose sends SIGKILL when stop_grace_period is over, so that must come later.
-    api = yaml.safe_load((REPO / "compose.yaml").read_text(encoding="utf-8"))["services"]["api"]
+    compose = REPO / "compose.yaml"
+    if not compose.exists():  # inside the image, which leaves its build files out
+        pytest.skip("optional: compose.yaml is not in this tree (the test image)")
+    api = yaml.safe_load(compose.read_text(encoding="utf-8"))["services"]["api"]
     graceful = float(
         api["environment"].get(
             "SANIC_GRACEFUL_SHUTDOWN_TIMEOUT", DEFAULT_CONFIG["GRACEFUL_SHUTDOWN_TIMEOUT"]
