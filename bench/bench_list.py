@@ -39,7 +39,8 @@ common.repo_imports()
 import procs  # noqa: E402  (tests/procs.py: real API processes)
 
 from imgapi_core import records  # noqa: E402
-from imgapi_core.store import JOB_KINDS, Store  # noqa: E402
+from imgapi_core.store import JOB_KINDS  # noqa: E402
+from imgapi_core.store.sqlite import SqliteStore as Store  # noqa: E402
 
 GOAL_P50_MS = 10.0
 FAILED_SHARE = 0.10

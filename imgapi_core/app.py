@@ -4,36 +4,34 @@ open_resources / close_resources start and stop what a serving process holds."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import NotFound, SanicException
 from sanic_ext import openapi
 
-from imgapi_core import openapi_spec, records, uploads
+from imgapi_core import openapi_spec, records
 from imgapi_core import settings as settings_mod
 from imgapi_core.background import Jobs
 from imgapi_core.errors import ClientError
+from imgapi_core.housekeeping import sweep_at_start
+from imgapi_core.media import open_media
 from imgapi_core.pipeline import MULTIPART_OVERHEAD, Pipeline
 from imgapi_core.routes import images, json_response, media, system
 from imgapi_core.settings import Settings
-from imgapi_core.store import Store
+from imgapi_core.store import open_store
 
 log = logging.getLogger("imgapi")
 
-ORPHAN_GRACE_S = 60.0
 BLUEPRINTS = (images.bp, media.bp, system.bp)
 
 
 async def open_resources(app: Sanic) -> None:
     """Everything a serving process holds. On any failure what was opened is closed again before
     the error goes on: Sanic runs no after_server_stop for a server that never started, and
-    aiosqlite's threads would keep the process alive."""
+    the store's threads would keep the process alive."""
     cfg: Settings = app.ctx.settings
     try:
         if cfg.slow_callback_ms:
@@ -41,28 +39,23 @@ async def open_resources(app: Sanic) -> None:
             loop.set_debug(True)  # asyncio then logs every callback slower than the threshold
             loop.slow_callback_duration = cfg.slow_callback_ms / 1000
         try:
-            for folder in (cfg.originals_dir, cfg.thumbnails_dir, cfg.tmp_dir):
-                folder.mkdir(parents=True, exist_ok=True)
+            cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
+            app.ctx.media = await open_media(cfg)
         except OSError as exc:
             # Names the setting to fix, not only the folder that failed.
             raise RuntimeError(f"MEDIA_DIR={cfg.media_dir!r}: {exc}") from exc
-        removed = uploads.sweep_temp_files(cfg.tmp_dir)
-        if removed:
-            log.info("removed %d upload temp files left by a stopped process", removed)
         try:
-            app.ctx.store = await Store(cfg.db_path).open()
+            app.ctx.store = await open_store(cfg)
         except Exception as exc:  # whatever the store refuses, DB_PATH is the setting to look at
             raise RuntimeError(f"DB_PATH={cfg.db_path!r}: {exc or type(exc).__name__}") from exc
         app.ctx.cpu = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="imgapi-cpu"
         )
         app.ctx.rendering = {}
-        orphans = await remove_orphan_originals(app.ctx.store, cfg.originals_dir)
-        if orphans:
-            log.info("removed %d originals that no record refers to", orphans)
-        app.ctx.jobs = Jobs(cfg, app.ctx.store)
+        await sweep_at_start(app.ctx.store, app.ctx.media, cfg.tmp_dir)
+        app.ctx.jobs = Jobs(cfg, app.ctx.store, app.ctx.media)
         await app.ctx.jobs.start()
-        app.ctx.pipeline = Pipeline(cfg, app.ctx.store, app.ctx.cpu, app.ctx.jobs)
+        app.ctx.pipeline = Pipeline(cfg, app.ctx.store, app.ctx.media, app.ctx.cpu, app.ctx.jobs)
     except BaseException:
         try:
             await close_resources(app)
@@ -81,40 +74,18 @@ async def stop_uploads(app: Sanic) -> None:
 async def close_resources(app: Sanic) -> None:
     pipeline = getattr(app.ctx, "pipeline", None)
     if pipeline is not None:
-        await (
-            pipeline.drain()
-        )  # records of uploads cancelled by the shutdown, before the store closes
+        # Records of uploads cancelled by the shutdown, before the store closes.
+        await pipeline.drain()
     jobs = getattr(app.ctx, "jobs", None)
     if jobs is not None:
         await jobs.close()
-    store = getattr(app.ctx, "store", None)
-    if store is not None:
-        await store.close()
+    for name in ("store", "media"):
+        resource = getattr(app.ctx, name, None)
+        if resource is not None:
+            await resource.close()
     cpu = getattr(app.ctx, "cpu", None)
     if cpu is not None:
         cpu.shutdown(wait=True, cancel_futures=True)
-
-
-async def remove_orphan_originals(store: Store, originals: Path) -> int:
-    """Originals renamed into place by a process killed before its transaction committed.
-
-    Only files older than a grace period go: a live sibling process may be between its rename and
-    its commit right now.
-    """
-    known = await store.image_ids_with_files()
-    return await asyncio.to_thread(_remove_unknown, originals, known, time.time() - ORPHAN_GRACE_S)
-
-
-def _remove_unknown(folder: Path, known: set[str], cutoff: float) -> int:
-    removed = 0
-    for path in folder.iterdir():
-        if path.stem in known:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
-    return removed
 
 
 async def handle_error(request: Request, exc: Exception) -> HTTPResponse:

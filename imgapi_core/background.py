@@ -16,6 +16,7 @@ import logging
 from arq.worker import Worker
 
 from imgapi_core import dispatch
+from imgapi_core.media import Media
 from imgapi_core.runtime import CAPTIONS_OFF, Runtime, retry_delay
 from imgapi_core.settings import Settings
 from imgapi_core.store import JOB_KINDS, Store
@@ -27,9 +28,10 @@ log = logging.getLogger("imgapi.jobs")
 class Jobs:
     """What the API uses: the first states of a new upload's jobs, submit after commit, health."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, media: Media) -> None:
         self.settings = settings
         self.store = store
+        self.media = media
         self.runtime: Runtime | None = None
         self.local: dispatch.LocalRunner | None = None
         self.queue: dispatch.ArqQueue | None = None
@@ -48,7 +50,7 @@ class Jobs:
         cfg = self.settings
         runs_jobs = cfg.worker == "inline"
         if runs_jobs:
-            self.runtime = Runtime(cfg, self.store)
+            self.runtime = Runtime(cfg, self.store, self.media)
         if cfg.redis_url:
             self.queue = dispatch.ArqQueue(cfg.redis_url, cfg.arq_queue)
             if runs_jobs:

@@ -12,30 +12,19 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import ExifTags, Image
 
+from imgapi_core import formats
 from imgapi_core.errors import ClientError
 
 THUMB_SIZES: dict[str, int] = {"small": 256, "medium": 768}
 
-# ".jpe" is left out on purpose: browsers and cameras do not produce it, and a short list keeps the
-# client-facing message simple.
-ALLOWED_EXTENSIONS: dict[str, str] = {".jpeg": "jpeg", ".jpg": "jpeg", ".png": "png"}
-ALLOWED_MIME: frozenset[str] = frozenset({"image/jpeg", "image/pjpeg", "image/png", "image/x-png"})
 # Clients that do not know the type send one of these; the magic bytes decide instead.
 _UNKNOWN_MIME = frozenset({"", "application/octet-stream"})
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Pillow plugins allowed to parse a file whose magic bytes say jpeg/png; "JPEG" also yields MPO.
-_PILLOW_FORMATS: dict[str, tuple[str, ...]] = {"jpeg": ("JPEG",), "png": ("PNG",)}
-_STORED = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png")}
 
 # Pillow's Image.MAX_IMAGE_PIXELS (about 179 MP: a warning above it, DecompressionBombError above
 # twice it) is left as it is: it is process-global, so changing it per call would race between pool
@@ -68,9 +57,6 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_SIZE_NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
-
 
 @dataclass(frozen=True)
 class ImageInfo:
@@ -91,7 +77,7 @@ def _shown(text: str, limit: int = 40) -> str:
 
 
 def check_name_and_type(original_name: str, content_type: str | None) -> None:
-    allowed_ext = ", ".join(sorted(ALLOWED_EXTENSIONS))
+    allowed_ext = ", ".join(formats.all_extensions())
     # Browsers on Windows may send a full path; only the last component counts. Trailing dots and
     # spaces are dropped as Windows does ("x.php." is "x.php").
     base = re.split(r"[\\/]", original_name or "")[-1].strip().rstrip(". ")
@@ -99,24 +85,20 @@ def check_name_and_type(original_name: str, content_type: str | None) -> None:
     if dot <= 0:  # no dot, or a leading-dot name like ".png"
         raise ClientError(415, f"file name has no extension (allowed: {allowed_ext})")
     ext = base[dot:].lower()
-    if ext not in ALLOWED_EXTENSIONS:
+    if formats.by_extension(ext) is None:
         raise ClientError(415, f'file type "{_shown(ext)}" is not allowed (allowed: {allowed_ext})')
 
     mime = (content_type or "").split(";", 1)[0].strip().lower()
-    if mime not in _UNKNOWN_MIME and mime not in ALLOWED_MIME:
-        allowed_mime = ", ".join(sorted(ALLOWED_MIME))
+    if mime not in _UNKNOWN_MIME and not formats.accepts_mime(mime):
+        allowed_mime = ", ".join(formats.all_mime_types())
         raise ClientError(
             415, f'content type "{_shown(mime)}" is not allowed (allowed: {allowed_mime})'
         )
 
 
 def sniff_format(head: bytes) -> str | None:
-    head = bytes(head[:16])
-    if head.startswith(_JPEG_MAGIC):
-        return "jpeg"
-    if head.startswith(_PNG_MAGIC):
-        return "png"
-    return None
+    fmt = formats.sniff(head)
+    return fmt.name if fmt else None
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -160,14 +142,14 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 def validate_image(path: str | os.PathLike[str], max_pixels: int) -> ImageInfo:
     name = os.fspath(path)
     with open(name, "rb") as fp:
-        fmt = sniff_format(fp.read(16))
-        if fmt is None:
-            raise ClientError(415, "file content is not a JPEG or PNG image")
-        formats = _PILLOW_FORMATS[fmt]
+        sniffed = formats.sniff(fp.read(formats.HEAD_BYTES))
+        if sniffed is None:
+            raise ClientError(415, f"file content is not a {formats.names()} image")
+        fmt, plugins = sniffed.name, sniffed.pillow
 
         fp.seek(0)
         with _rejecting("image header is corrupt", name):
-            im = Image.open(fp, formats=formats)
+            im = Image.open(fp, formats=plugins)
         with im:
             width, height = im.size
             _check_pixels(width, height, max_pixels)
@@ -186,7 +168,7 @@ def validate_image(path: str | os.PathLike[str], max_pixels: int) -> ImageInfo:
             fp.seek(0)
             with (
                 _rejecting("image data is truncated or corrupt", name),
-                Image.open(fp, formats=formats) as again,
+                Image.open(fp, formats=plugins) as again,
             ):
                 again.load()
 
@@ -194,21 +176,14 @@ def validate_image(path: str | os.PathLike[str], max_pixels: int) -> ImageInfo:
 
 
 def image_info(fmt: str, width: int, height: int) -> ImageInfo:
-    """The ImageInfo of a validated image of this format ("jpeg" | "png") and size."""
-    ext, content_type = _STORED[fmt]
-    return ImageInfo(format=fmt, width=width, height=height, ext=ext, content_type=content_type)
+    """The ImageInfo of a validated image of this format (a name in formats.FORMATS) and size."""
+    row = formats.by_name(fmt)
+    return ImageInfo(
+        format=fmt, width=width, height=height, ext=row.stored_ext, content_type=row.content_type
+    )
 
 
 # --- thumbnails -------------------------------------------------------------------------------
-
-
-def thumbnail_path(thumb_root: str | os.PathLike[str], size: str, sha256: str) -> Path:
-    # Both parts become path components: refuse anything that could climb out of thumb_root.
-    if not _SIZE_NAME_RE.fullmatch(size):
-        raise ValueError(f"bad thumbnail size name {size!r}")
-    if not _SHA256_RE.fullmatch(sha256):
-        raise ValueError(f"bad sha256 {sha256!r}")
-    return Path(thumb_root) / size / f"{sha256}.jpeg"
 
 
 def _fit(width: int, height: int, box: int) -> tuple[int, int]:
@@ -310,39 +285,6 @@ def render_thumbnails(
                 current = current.resize(target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
             rendered[size_name] = _encode(_finished(current, transpose))
     return {size_name: rendered[size_name] for size_name in sizes}
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file, then rename: never a partial file under `path` while the machine runs.
-
-    Thumbnails are derived data, so neither the file nor its directory is fsynced: after a power
-    loss the name may be missing or point at an empty file (delayed allocation), and the
-    thumbnail route renders either case again on demand."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            # mkstemp makes the file 0600; thumbnails are public content.
-            os.fchmod(out.fileno(), 0o644)
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_thumbnails(
-    src: str | os.PathLike[str],
-    thumb_root: str | os.PathLike[str],
-    sha256: str,
-    sizes: Mapping[str, int] = THUMB_SIZES,
-) -> dict[str, Path]:
-    paths = {name: thumbnail_path(thumb_root, name, sha256) for name in sizes}
-    rendered = render_thumbnails(src, sizes)
-    for name, data in rendered.items():
-        _write_atomically(paths[name], data)
-    return paths
 
 
 # --- EXIF -------------------------------------------------------------------------------------

@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TypeVar
 
 from imgapi_core import imaging, uploads
 from imgapi_core.background import Jobs
 from imgapi_core.errors import ClientError
+from imgapi_core.media import Media, OutOfSpace, original_key
+from imgapi_core.numbers import whole_number
 from imgapi_core.settings import Settings
-from imgapi_core.store import Store, now_iso
+from imgapi_core.store import NewUpload, Store, now_iso
 
 log = logging.getLogger("imgapi")
+
+T = TypeVar("T")
 
 # Bytes beyond MAX_UPLOAD_BYTES that a multipart body may carry (boundaries, part headers).
 MULTIPART_OVERHEAD = uploads.OVERHEAD
@@ -44,45 +48,6 @@ class Outcome:
     error: ClientError | None = None
 
 
-def store_original(temp: Path, dest: Path) -> None:
-    """fsync, then rename: a file under originals/ is never partial."""
-    fd = os.open(temp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, dest)
-    try:
-        dir_fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        # The rename may not last, and the upload is answered as failed: no file under originals/
-        # without its record.
-        with contextlib.suppress(FileNotFoundError):
-            dest.unlink()
-        raise
-
-
-def validate_and_store(
-    temp: Path, dest_dir: Path, image_id: str, max_pixels: int, known: imaging.ImageInfo | None
-) -> tuple[imaging.ImageInfo, Path]:
-    """Raises uploads.NoSpace (507) when the disk is full; the caller removes the temp file."""
-    info = known or imaging.validate_image(temp, max_pixels)
-    dest = dest_dir / f"{image_id}.{info.ext}"
-    try:
-        store_original(temp, dest)
-    except OSError as exc:
-        # fsync is where a full disk shows for data the page cache accepted (delayed allocation,
-        # network file systems); a rename can need a new directory block.
-        if uploads.is_no_space(exc):
-            raise uploads.NoSpace() from exc
-        raise
-    return info, dest
-
-
 # Long enough for cancelled uploads to write their records; short enough not to hold a stop.
 DRAIN_TIMEOUT_S = 10.0
 INTERRUPTED_BY_CLIENT = "upload interrupted: the client closed the connection"
@@ -90,9 +55,12 @@ INTERRUPTED_BY_SHUTDOWN = "upload interrupted: the server was shutting down"
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, store: Store, cpu: Executor, jobs: Jobs) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, media: Media, cpu: Executor, jobs: Jobs
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.media = media
         self.cpu = cpu
         self.jobs = jobs
         # A bare CancelledError does not say who cancelled: the server stopping (it cancels what
@@ -149,7 +117,7 @@ class Pipeline:
             too_big = self.max_body_bytes
             # A Content-Length that is not a number is left to the HTTP layer: the cap is also
             # enforced as the bytes arrive.
-            declared = uploads.whole_number(declared_length)
+            declared = whole_number(declared_length)
             if declared is not None and declared > too_big:
                 raise uploads.TooLarge(cfg.max_upload_bytes)
             try:
@@ -163,21 +131,14 @@ class Pipeline:
                 raise
             assert received.temp_path is not None
             # Bytes that were validated before are not decoded again: same bytes, same verdict.
-            prior = await store.known_sha256(received.sha256)
-            known = None
+            prior = await store.known_image(received.sha256)
             if prior is not None:
-                known = imaging.image_info(prior["format"], prior["width"], prior["height"])
-            loop = asyncio.get_running_loop()
-            info, dest = await loop.run_in_executor(
-                self.cpu,
-                validate_and_store,
-                received.temp_path,
-                cfg.originals_dir,
-                image_id,
-                cfg.max_pixels,
-                known,
-            )
-            received.temp_path = None  # renamed into place; nothing left to discard
+                info = imaging.image_info(prior.format, prior.width, prior.height)
+            else:
+                loop = asyncio.get_running_loop()
+                info = await loop.run_in_executor(
+                    self.cpu, imaging.validate_image, received.temp_path, cfg.max_pixels
+                )
         except ClientError as exc:
             received.discard()
             return await self.record_failure(image_id, received.original_name, start_time, exc)
@@ -186,46 +147,77 @@ class Pipeline:
             # The client went away, or the server is stopping: still recorded, shielded from the
             # cancellation.
             cause = INTERRUPTED_BY_SHUTDOWN if self.shutting_down else INTERRUPTED_BY_CLIENT
-            record = asyncio.ensure_future(
+            await self._finish_shielded(
                 store.record_failure(
                     image_id=image_id,
                     original_name=received.original_name,
                     processed_at=now_iso(),
                     start_time=start_time,
                     error=cause,
-                )
+                ),
+                suppress=True,
             )
-            self._recording.add(record)
-            record.add_done_callback(self._recording.discard)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(record)
             raise
         except BaseException:
             received.discard()
             raise
+        # The bytes are whole and valid: from here the upload is stored and recorded even if its
+        # client leaves, as one task a cancellation cannot split. Cut in two, a commit could land
+        # while the original it refers to was being removed, or a record of an interruption
+        # could be written beside the record of the stored image.
+        upload = NewUpload(
+            image_id=image_id,
+            original_name=received.original_name,
+            processed_at="",  # stamped once the original is in place
+            start_time=start_time,
+            original_key=original_key(image_id, info.ext),
+            sha256=received.sha256,
+            width=info.width,
+            height=info.height,
+            format=info.format,
+            size_bytes=received.size,
+            jobs=self.jobs.initial_states(),
+        )
+        return await self._finish_shielded(self._store_and_record(received, upload))
 
-        processed_at = now_iso()
+    async def _finish_shielded(self, work: Awaitable[T], *, suppress: bool = False) -> T:
+        """Runs `work` to its end whatever happens to the caller; drain() waits for it."""
+        task = asyncio.ensure_future(work)
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+        if suppress:
+            with contextlib.suppress(Exception):
+                return await asyncio.shield(task)
+        return await asyncio.shield(task)
+
+    async def _store_and_record(self, received: uploads.Received, upload: NewUpload) -> Outcome:
+        assert received.temp_path is not None
         try:
-            dispatch = await store.record_success(
-                image_id=image_id,
-                original_name=received.original_name,
-                processed_at=processed_at,
-                image_path=str(dest),
-                start_time=start_time,
-                sha256=received.sha256,
-                width=info.width,
-                height=info.height,
-                fmt=info.format,
-                size_bytes=received.size,
-                kinds=self.jobs.initial_states(),
+            await self.media.put_file(upload.original_key, received.temp_path)
+        except OutOfSpace:
+            received.discard()
+            return await self.record_failure(
+                upload.image_id, upload.original_name, upload.start_time, uploads.NoSpace()
             )
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                dest.unlink()
+            received.discard()
+            # A failed put may still have landed (a rename, then a failed folder fsync).
+            with contextlib.suppress(Exception):
+                await self.media.delete([upload.original_key])
+            raise
+        received.temp_path = None  # moved into the media store
+        upload = dataclasses.replace(upload, processed_at=now_iso())
+        try:
+            dispatch = await self.store.record_success(upload)
+        except BaseException:
+            # Nothing refers to the original: it goes (and the start-up sweep catches it if
+            # this process dies first).
+            with contextlib.suppress(Exception):
+                await self.media.delete([upload.original_key])
             raise
         if dispatch:
-            self.jobs.submit(received.sha256)
-        return Outcome(image_id, received.original_name, processed_at)
+            self.jobs.submit(upload.sha256)
+        return Outcome(upload.image_id, upload.original_name, upload.processed_at)
 
     async def record_failure(
         self, image_id: str, original_name: str, start_time: str, error: ClientError

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from imgapi_core.imaging import THUMB_SIZES
-from imgapi_core.store import JOB_KINDS
+from imgapi_core.store import JOB_KINDS, JobState, Record
 
 
 def dumps(value: Any) -> bytes:
@@ -21,42 +21,42 @@ def thumbnail_urls(base_url: str, image_id: str) -> dict[str, str]:
     return {size: f"{base_url}/api/images/{image_id}/thumbnails/{size}" for size in THUMB_SIZES}
 
 
-def job_states(jobs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def job_states(jobs: Mapping[str, JobState]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for kind in JOB_KINDS:
-        row = jobs.get(kind)
-        if row is None:
+        job = jobs.get(kind)
+        if job is None:
             continue
-        state: dict[str, Any] = {"state": row["state"], "attempts": row["attempts"]}
-        if row["state"] in ("failed", "skipped") or (row["state"] == "queued" and row["error"]):
-            state["error"] = row["error"]
+        state: dict[str, Any] = {"state": job.state, "attempts": job.attempts}
+        if job.state in ("failed", "skipped") or (job.state == "queued" and job.error):
+            state["error"] = job.error
         out[kind] = state
     return out
 
 
-def record(row: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]], base_url: str) -> dict:
+def record(rec: Record, jobs: Mapping[str, JobState], base_url: str) -> dict:
     """One upload as the API shows it: the upload answer's shape, for success and failure alike."""
     data: dict[str, Any] = {
-        "image_id": row["image_id"],
-        "original_name": row["original_name"],
-        "processed_at": row["processed_at"],
+        "image_id": rec.image_id,
+        "original_name": rec.original_name,
+        "processed_at": rec.processed_at,
     }
-    if row["error"] is not None:
+    if rec.error is not None:
         data.update(metadata={}, thumbnails={}, jobs={})
-        return {"status": "failed", "data": data, "thumbnails": {}, "error": row["error"]}
-    exif = row["exif_json"]
+        return {"status": "failed", "data": data, "thumbnails": {}, "error": rec.error}
+    exif = rec.exif_json
     data["metadata"] = {
-        "width": row["width"],
-        "height": row["height"],
-        "format": row["format"],
-        "size_bytes": row["size_bytes"],
-        "sha256": row["sha256"],
-        "first_upload": row["first_upload"],
+        "width": rec.width,
+        "height": rec.height,
+        "format": rec.format,
+        "size_bytes": rec.size_bytes,
+        "sha256": rec.sha256,
+        "first_upload": rec.first_upload,
         # Stored as JSON already: spliced in as it is rather than parsed and written again.
         "exif": orjson.Fragment(exif) if exif else None,
-        "caption": row["caption"],
+        "caption": rec.caption,
     }
-    thumbs = thumbnail_urls(base_url, row["image_id"])
+    thumbs = thumbnail_urls(base_url, rec.image_id)
     data["thumbnails"] = thumbs
     data["jobs"] = job_states(jobs)
     return {"status": "success", "data": data, "thumbnails": thumbs, "error": None}

@@ -15,14 +15,17 @@ import os
 import secrets
 import socket
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from imgapi_core import imaging
 from imgapi_core.errors import ClientError
+from imgapi_core.media import Media, MediaMissing
 from imgapi_core.settings import Settings
 from imgapi_core.store import Store
+from imgapi_core.thumbnails import OriginalGone, make_thumbnails
 
 log = logging.getLogger("imgapi.jobs")
 
@@ -48,9 +51,10 @@ def _yield_cpu() -> None:
 class Runtime:
     """What one process needs to run jobs, and the bookkeeping around each run."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, media: Media) -> None:
         self.settings = settings
         self.store = store
+        self.media = media
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.cpu = ThreadPoolExecutor(
             max_workers=os.cpu_count() or 2,
@@ -84,8 +88,8 @@ class Runtime:
         cfg = self.settings
         job = await self.store.claim_job(sha256, kind, self.runner_id, cfg.job_lease_seconds)
         if job is None:
-            row = await self.store.job_state(sha256, kind)
-            return f"not run: {row['state'] if row else 'no such job'}"
+            current = await self.store.job_state(sha256, kind)
+            return f"not run: {current.state if current else 'no such job'}"
         key = (sha256, kind)
         self._running.add(key)
         self._start_heartbeat()
@@ -139,34 +143,41 @@ class Runtime:
 
     async def _work(self, kind: str, sha256: str) -> str:
         if kind == "thumbnail":
-            source = await self._source(sha256)
-            await self._in_thread(
-                imaging.write_thumbnails, source, self.settings.thumbnails_dir, sha256
-            )
+            try:
+                await make_thumbnails(self.store, self.media, self.cpu, sha256)
+            except OriginalGone:
+                raise PermanentError("the original file is gone") from None
+            except ClientError as exc:
+                raise PermanentError(f"the image cannot be decoded: {exc.message}") from None
         elif kind == "exif":
-            source = await self._source(sha256)
-            exif = await self._in_thread(imaging.extract_exif, source)
+            async with self._original(sha256) as path:
+                exif = await self._in_thread(imaging.extract_exif, path)
             await self.store.set_exif(sha256, json.dumps(exif, allow_nan=False, sort_keys=True))
         elif kind == "caption":
             if not self.settings.captions_enabled:
                 return "skipped"
             from models import CaptionError
 
-            source = await self._source(sha256)
-            try:
-                caption = await self.captioner.caption(source)
-            except CaptionError as exc:
-                raise PermanentError(str(exc)) from None
+            async with self._original(sha256) as path:
+                try:
+                    caption = await self.captioner.caption(str(path))
+                except CaptionError as exc:
+                    raise PermanentError(str(exc)) from None
             await self.store.set_caption(sha256, caption)
         else:
             raise PermanentError(f"unknown job kind {kind!r}")
         return "done"
 
-    async def _source(self, sha256: str) -> str:
-        source = await self.store.original_of(sha256)
-        if source is None or not Path(source).exists():
+    @contextlib.asynccontextmanager
+    async def _original(self, sha256: str) -> AsyncIterator[Path]:
+        key = await self.store.original_of(sha256)
+        if key is None:
             raise PermanentError("the original file is gone")
-        return source
+        try:
+            async with self.media.local_file(key) as path:
+                yield path
+        except MediaMissing:
+            raise PermanentError("the original file is gone") from None
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()

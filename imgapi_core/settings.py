@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 
 class SettingsError(ValueError):
@@ -97,130 +97,105 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
-# (name, default, parser, help). The README's settings table is checked against this list.
-SETTINGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("DB_PATH", "./data/imgapi.db", _path, "SQLite database file (its folder is created)"),
-    ("MEDIA_DIR", "./media", _path, "folder for originals/, thumbnails/ and upload temp files"),
-    (
-        "REDIS_URL",
-        "",
-        _redis_url,
-        "Redis for arq jobs; empty runs jobs in-process, no Redis needed",
-    ),
-    (
-        "WORKER",
-        "inline",
-        _choice("inline", "off"),
-        "inline: this process runs jobs (an arq worker when REDIS_URL is set); "
-        "off: only enqueue (needs REDIS_URL)",
-    ),
-    ("JOB_CONCURRENCY", "4", _positive_int, "jobs one process runs at the same time"),
-    ("JOB_MAX_ATTEMPTS", "3", _positive_int, "tries of a failing job before it is marked failed"),
-    (
-        "JOB_LEASE_SECONDS",
-        "30",
-        _positive_float,
-        "a running job whose runner has not renewed its lease this long is handed out again",
-    ),
-    (
-        "SWEEP_SECONDS",
-        "2",
-        _positive_float,
-        "how often queued and stale jobs are looked for and handed out again",
-    ),
-    ("ARQ_QUEUE", "imgapi:queue", _text, "arq queue name (Redis key) shared by API and workers"),
-    ("ARQ_POLL_SECONDS", "0.05", _positive_float, "how often an idle arq worker polls Redis"),
-    (
-        "MAX_UPLOAD_BYTES",
-        "50000000",
-        _positive_int,
-        "largest accepted file, checked as bytes arrive",
-    ),
-    (
-        "MAX_PIXELS",
-        "50000000",
-        _positive_int,
-        "largest accepted width x height, checked from the header before decoding",
-    ),
-    (
-        "PUBLIC_URL",
-        "",
-        _public_url,
-        "base of the absolute URLs in responses (default: from the request's Host header)",
-    ),
-    (
-        "REQUEST_TIMEOUT",
-        "60",
-        _positive_float,
-        "seconds a client may stay silent while sending a request (headers, or within an upload)",
-    ),
-    ("UPLOAD_TIMEOUT", "600", _positive_float, "seconds an upload's whole body may take"),
-    (
-        "CAPTION_MODEL",
-        "Salesforce/blip-image-captioning-base",
-        _caption_model,
-        "BLIP hub id (downloaded first), a local model folder, or none: captions off",
-    ),
-    (
-        "CAPTION_DEVICE",
-        "auto",
-        _choice("auto", "cpu", "cuda"),
-        "auto: CUDA with fp16 when present, else CPU",
-    ),
-    ("CAPTION_BATCH", "8", _positive_int, "most images captioned in one generate call"),
-    ("CAPTION_MAX_WAIT_MS", "50", _positive_float, "longest wait for a caption batch to fill"),
-    ("CAPTION_THREADS", "0", _non_negative_int, "torch CPU threads for captions (0: all cores)"),
-    (
-        "CAPTION_RETRY_SECONDS",
-        "60",
-        _positive_float,
-        "after a failed model load, caption jobs fail at once for this long before a new try",
-    ),
-    ("HF_TOKEN", "", _text, "Hugging Face token used by `python -m models download`"),
-    (
-        "SLOW_CALLBACK_MS",
-        "0",
-        _non_negative_int,
-        "diagnostics: log event-loop callbacks slower than this (asyncio debug mode; 0: off)",
-    ),
-    ("LOG_LEVEL", "INFO", _choice("debug", "info", "warning", "error"), "log level"),
-)
+class Setting(NamedTuple):
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+def setting(default: str, parse: Callable[[str], Any], help: str) -> Any:
+    """A Settings field's declaration: its default as it would be written in the environment,
+    the parser that checks and converts it, and one line of help."""
+    return field(metadata={"default": default, "parse": parse, "help": help})
 
 
 @dataclass(frozen=True)
 class Settings:
-    db_path: str
-    media_dir: str
-    redis_url: str
-    worker: str
-    job_concurrency: int
-    job_max_attempts: int
-    job_lease_seconds: float
-    sweep_seconds: float
-    arq_queue: str
-    arq_poll_seconds: float
-    max_upload_bytes: int
-    max_pixels: int
-    public_url: str
-    request_timeout: float
-    upload_timeout: float
-    caption_model: str
-    caption_device: str
-    caption_batch: int
-    caption_max_wait_ms: float
-    caption_threads: int
-    caption_retry_seconds: float
-    hf_token: str
-    slow_callback_ms: int
-    log_level: str
+    """Each field is one setting: its environment name is the field name in upper case. The
+    README's settings table is checked against these fields."""
 
-    @property
-    def originals_dir(self) -> Path:
-        return Path(self.media_dir) / "originals"
-
-    @property
-    def thumbnails_dir(self) -> Path:
-        return Path(self.media_dir) / "thumbnails"
+    db_path: str = setting(
+        "./data/imgapi.db", _path, "SQLite database file (its folder is created)"
+    )
+    media_dir: str = setting(
+        "./media", _path, "folder for originals/, thumbnails/ and upload temp files"
+    )
+    redis_url: str = setting(
+        "", _redis_url, "Redis for arq jobs; empty runs jobs in-process, no Redis needed"
+    )
+    worker: str = setting(
+        "inline",
+        _choice("inline", "off"),
+        "inline: this process runs jobs (an arq worker when REDIS_URL is set); "
+        "off: only enqueue (needs REDIS_URL)",
+    )
+    job_concurrency: int = setting("4", _positive_int, "jobs one process runs at the same time")
+    job_max_attempts: int = setting(
+        "3", _positive_int, "tries of a failing job before it is marked failed"
+    )
+    job_lease_seconds: float = setting(
+        "30",
+        _positive_float,
+        "a running job whose runner has not renewed its lease this long is handed out again",
+    )
+    sweep_seconds: float = setting(
+        "2", _positive_float, "how often queued and stale jobs are looked for and handed out again"
+    )
+    arq_queue: str = setting(
+        "imgapi:queue", _text, "arq queue name (Redis key) shared by API and workers"
+    )
+    arq_poll_seconds: float = setting(
+        "0.05", _positive_float, "how often an idle arq worker polls Redis"
+    )
+    max_upload_bytes: int = setting(
+        "50000000", _positive_int, "largest accepted file, checked as bytes arrive"
+    )
+    max_pixels: int = setting(
+        "50000000",
+        _positive_int,
+        "largest accepted width x height, checked from the header before decoding",
+    )
+    public_url: str = setting(
+        "",
+        _public_url,
+        "base of the absolute URLs in responses (default: from the request's Host header)",
+    )
+    request_timeout: float = setting(
+        "60",
+        _positive_float,
+        "seconds a client may stay silent while sending a request (headers, or within an upload)",
+    )
+    upload_timeout: float = setting(
+        "600", _positive_float, "seconds an upload's whole body may take"
+    )
+    caption_model: str = setting(
+        "Salesforce/blip-image-captioning-base",
+        _caption_model,
+        "BLIP hub id (downloaded first), a local model folder, or none: captions off",
+    )
+    caption_device: str = setting(
+        "auto", _choice("auto", "cpu", "cuda"), "auto: CUDA with fp16 when present, else CPU"
+    )
+    caption_batch: int = setting("8", _positive_int, "most images captioned in one generate call")
+    caption_max_wait_ms: float = setting(
+        "50", _positive_float, "longest wait for a caption batch to fill"
+    )
+    caption_threads: int = setting(
+        "0", _non_negative_int, "torch CPU threads for captions (0: all cores)"
+    )
+    caption_retry_seconds: float = setting(
+        "60",
+        _positive_float,
+        "after a failed model load, caption jobs fail at once for this long before a new try",
+    )
+    hf_token: str = setting("", _text, "Hugging Face token used by `python -m models download`")
+    slow_callback_ms: int = setting(
+        "0",
+        _non_negative_int,
+        "diagnostics: log event-loop callbacks slower than this (asyncio debug mode; 0: off)",
+    )
+    log_level: str = setting("INFO", _choice("debug", "info", "warning", "error"), "log level")
 
     @property
     def tmp_dir(self) -> Path:
@@ -234,6 +209,14 @@ class Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return Settings(**values)
+
+
+def declared() -> tuple[Setting, ...]:
+    """Every setting, in the order of the fields."""
+    return tuple(
+        Setting(f.name.upper(), f.metadata["default"], f.metadata["parse"], f.metadata["help"])
+        for f in fields(Settings)
+    )
 
 
 def read_dotenv(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -269,7 +252,7 @@ def load(
     env = os.environ if env is None else env
     file_values = read_dotenv(dotenv) if dotenv else {}
     values: dict[str, Any] = {}
-    for name, default, parse, _help in SETTINGS:
+    for name, default, parse, _help in declared():
         raw = env.get(name, file_values.get(name, default))
         try:
             values[name.lower()] = parse(raw)

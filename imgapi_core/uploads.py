@@ -22,6 +22,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from imgapi_core import imaging
 from imgapi_core.errors import ClientError
+from imgapi_core.numbers import whole_number
 
 FIELD = "file"
 MAX_PARTS = 32  # a real upload has one part, maybe a few form fields; more is abuse
@@ -34,24 +35,6 @@ TEMP_PREFIX = "upload-"
 
 # A full disk, or the writing user's quota used up: the client can do nothing about either.
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-# Numbers a client sends (query parameters, Content-Length) are ASCII digits and nothing else.
-_ASCII_DIGITS = re.compile(r"[0-9]+")
-_MAX_DIGITS = 30
-
-
-def whole_number(text: str | None) -> int | None:
-    """A non-negative whole number sent by a client, or None when `text` is not one.
-
-    The one way numbers from clients are read: str.isdigit() and int() also accept "²" (isdigit
-    is true, then int raises), "١٢", " 12", "+1" or "1_0", and int() raises past 4300 digits.
-    Only ASCII digits are taken; a number of more than 30 significant digits comes back as 10**30,
-    which is above every limit it is compared with."""
-    if text is None or not _ASCII_DIGITS.fullmatch(text):
-        return None
-    significant = text.lstrip("0")
-    if len(significant) > _MAX_DIGITS:
-        return 10**_MAX_DIGITS
-    return int(significant or "0")
 
 
 def is_no_space(exc: BaseException) -> bool:

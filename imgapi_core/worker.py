@@ -23,9 +23,10 @@ from arq.connections import RedisSettings
 from imgapi_core import dispatch
 from imgapi_core import settings as settings_mod
 from imgapi_core.logs import setup_logging
+from imgapi_core.media import open_media
 from imgapi_core.runtime import Runtime, retry_delay
 from imgapi_core.settings import Settings, SettingsError
-from imgapi_core.store import Store
+from imgapi_core.store import open_store
 
 log = logging.getLogger("imgapi.jobs")
 
@@ -94,11 +95,13 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     """`arq jobs.WorkerSettings`: this process's store, runtime and sweeper."""
     cfg = settings_mod.load()
     setup_logging(cfg.log_level)
-    store = await Store(cfg.db_path).open()
-    runtime = Runtime(cfg, store)
+    store = await open_store(cfg)
+    media = await open_media(cfg)
+    runtime = Runtime(cfg, store, media)
     queue = dispatch.ArqQueue(cfg.redis_url, cfg.arq_queue, redis=ctx["redis"])
     ctx["imgapi"] = runtime
     ctx["imgapi_store"] = store
+    ctx["imgapi_media"] = media
     ctx["imgapi_sweeper"] = asyncio.create_task(
         dispatch.sweep_forever(
             cfg.sweep_seconds,
@@ -140,9 +143,10 @@ async def worker_shutdown(ctx: dict[str, Any]) -> None:
     runtime = ctx.pop("imgapi", None)
     if runtime is not None:
         await runtime.close()
-    store = ctx.pop("imgapi_store", None)
-    if store is not None:
-        await store.close()
+    for name in ("imgapi_store", "imgapi_media"):
+        resource = ctx.pop(name, None)
+        if resource is not None:
+            await resource.close()
 
 
 # -- health ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from sanic_testing.testing import SanicASGITestClient
 
 from imgapi_core import app as imgapi_app
 from imgapi_core import settings as settings_mod
+from imgapi_core.media import thumbnail_key
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("IMGAPI_CORPUS", REPO.parent / "shared" / "corpus"))
@@ -128,3 +129,18 @@ async def wait_for(predicate: Callable[[], object], within: float = 20.0) -> Non
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"condition not met within {within}s")
         await asyncio.sleep(0.05)
+
+
+# -- where the local media store keeps things (tests that look at the files themselves) --------
+
+
+def originals_dir(cfg: settings_mod.Settings) -> Path:
+    return Path(cfg.media_dir) / "originals"
+
+
+def thumbnails_dir(cfg: settings_mod.Settings) -> Path:
+    return Path(cfg.media_dir) / "thumbnails"
+
+
+def thumbnail_file(cfg: settings_mod.Settings, size: str, sha256: str) -> Path:
+    return Path(cfg.media_dir) / thumbnail_key(size, sha256)

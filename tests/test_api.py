@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from conftest import multipart, wait_for
+from conftest import multipart, originals_dir, thumbnails_dir, wait_for
 from PIL import Image, ImageChops, ImageStat
 
 from imgapi_core import runtime as jobs
@@ -265,7 +265,7 @@ async def test_upload_stores_the_same_bytes_under_originals(client, cfg):
     body = await upload_ok(client, data, "diagram.PNG", "image/png")
     assert_success_record(body, data=data, name="diagram.PNG", size=(40, 30), fmt="png")
     image_id = body["data"]["image_id"]
-    stored = files_in(cfg.originals_dir)
+    stored = files_in(originals_dir(cfg))
     assert [p.name for p in stored] == [f"{image_id}.png"]
     assert sha256(stored[0].read_bytes()) == body["data"]["metadata"]["sha256"] == sha256(data)
     assert files_in(cfg.tmp_dir) == []
@@ -285,7 +285,7 @@ async def test_finished_jobs_fill_in_exif_and_job_states(client, cfg):
     assert exif["Make"] == "ImgapiTestMake" and exif["Model"] == "ImgapiTestModel", exif
     assert rec["data"]["jobs"]["thumbnail"]["attempts"] == 1
     for size_name in THUMB_BOXES:
-        assert (cfg.thumbnails_dir / size_name / f"{sha256(data)}.jpeg").is_file()
+        assert (thumbnails_dir(cfg) / size_name / f"{sha256(data)}.jpeg").is_file()
 
 
 async def test_client_file_name_is_never_a_path(client, cfg):
@@ -324,7 +324,7 @@ async def assert_recorded_failure(client, cfg, body: dict) -> None:
         "SELECT error, metadata_sha256, image_path FROM images WHERE image_id = ?",
         data["image_id"],
     ) == [(body["error"], None, None)]
-    assert files_in(cfg.originals_dir) == []
+    assert files_in(originals_dir(cfg)) == []
     assert files_in(cfg.tmp_dir) == []
 
 
@@ -657,7 +657,7 @@ async def test_thumbnails_are_made_on_demand_upright_and_clean(client, cfg, phot
     # Made by the request, not by a job: with WORKER=off nothing ran them.
     _, res = await client.get(f"/api/images/{ids[6]}")
     assert res.json["data"]["jobs"]["thumbnail"]["state"] == "queued"
-    assert len(files_in(cfg.thumbnails_dir)) == 16
+    assert len(files_in(thumbnails_dir(cfg))) == 16
 
 
 @no_worker
@@ -712,13 +712,13 @@ async def test_original_download_is_the_same_bytes_with_its_content_type(client,
 async def test_delete_removes_record_and_original(client, cfg):
     body = await upload_ok(client, jpeg_bytes(), "gone.jpg")
     image_id = body["data"]["image_id"]
-    assert len(files_in(cfg.originals_dir)) == 1
+    assert len(files_in(originals_dir(cfg))) == 1
     _, res = await client.delete(f"/api/images/{image_id}")
     assert res.status == 204 and res.content == b""
     for suffix in ("", "/original", "/thumbnails/small"):
         _, res = await client.get(f"/api/images/{image_id}{suffix}")
         assert_error_shape(res, 404)
-    assert files_in(cfg.originals_dir) == []
+    assert files_in(originals_dir(cfg)) == []
     _, res = await client.get("/api/images")
     assert res.json == []
     _, res = await client.delete(f"/api/images/{image_id}")
@@ -744,7 +744,7 @@ async def test_delete_keeps_shared_bytes_until_the_last_upload_goes(client, cfg)
     for size_name in THUMB_BOXES:  # made on demand: the thumbnail files now exist
         _, res = await client.get(f"/api/images/{first}/thumbnails/{size_name}")
         assert res.status == 200
-    thumb_files = [cfg.thumbnails_dir / s / f"{digest}.jpeg" for s in THUMB_BOXES]
+    thumb_files = [thumbnails_dir(cfg) / s / f"{digest}.jpeg" for s in THUMB_BOXES]
     assert all(p.is_file() for p in thumb_files)
 
     _, res = await client.delete(f"/api/images/{first}")
@@ -767,7 +767,7 @@ async def test_delete_keeps_shared_bytes_until_the_last_upload_goes(client, cfg)
     _, res = await client.delete(f"/api/images/{second}")
     assert res.status == 204
     assert not any(p.exists() for p in thumb_files)
-    assert files_in(cfg.originals_dir) == []
+    assert files_in(originals_dir(cfg)) == []
     assert db_count(cfg, "metadata") == 0
     assert db_count(cfg, "jobs") == 0
     assert db_count(cfg, "images") == 0 and db_count(cfg, "stats") == 0
@@ -790,12 +790,12 @@ async def test_same_bytes_twice_share_metadata_and_jobs(app, client, cfg):
     assert db_count(cfg, "metadata") == 1
     assert db_count(cfg, "jobs") == 3  # no new jobs for the second upload
     assert db_count(cfg, "images") == 2
-    assert len(files_in(cfg.originals_dir)) == 2
+    assert len(files_in(originals_dir(cfg))) == 2
     open_rows = "SELECT count(*) FROM stats WHERE end_time IS NULL"
     assert db_rows(cfg, open_rows) == [(2,)]
 
     # The first upload's jobs finish (run here: WORKER=off has no runner): both are complete.
-    runtime = jobs.Runtime(app.ctx.settings, app.ctx.store)
+    runtime = jobs.Runtime(app.ctx.settings, app.ctx.store, app.ctx.media)
     try:
         assert await runtime.run("thumbnail", sha256(data)) == "done"
         assert db_rows(cfg, open_rows) == [(2,)]

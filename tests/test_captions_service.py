@@ -134,7 +134,7 @@ async def test_captions_off_records_the_job_as_skipped(
 
 
 def test_jobs_facade_skips_captions_only_when_off(make_settings, tiny_model: Path) -> None:
-    on = Jobs(make_settings(CAPTION_MODEL=str(tiny_model)), store=None)  # type: ignore[arg-type]
-    off = Jobs(make_settings(CAPTION_MODEL="none"), store=None)  # type: ignore[arg-type]
+    on = Jobs(make_settings(CAPTION_MODEL=str(tiny_model)), store=None, media=None)  # type: ignore[arg-type]
+    off = Jobs(make_settings(CAPTION_MODEL="none"), store=None, media=None)  # type: ignore[arg-type]
     assert on.initial_states()["caption"] == ("queued", None)
     assert off.initial_states()["caption"][0] == "skipped"

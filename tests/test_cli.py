@@ -37,7 +37,7 @@ from procs import (
 from imgapi_core import settings as settings_mod
 from imgapi_core import worker as worker_mod
 
-SETTING_NAMES = [name for name, *_ in settings_mod.SETTINGS]
+SETTING_NAMES = [name for name, *_ in settings_mod.declared()]
 
 # -- python -m models download ----------------------------------------------------------------
 
@@ -111,10 +111,10 @@ def test_download_takes_its_default_model_from_the_settings(
 ) -> None:
     # Declared once: a changed default in settings is the CLI's default too.
     patched = tuple(
-        (name, "someone/other-model" if name == "CAPTION_MODEL" else default, parse, help_)
-        for name, default, parse, help_ in settings_mod.SETTINGS
+        s._replace(default="someone/other-model") if s.name == "CAPTION_MODEL" else s
+        for s in settings_mod.declared()
     )
-    monkeypatch.setattr(settings_mod, "SETTINGS", patched)
+    monkeypatch.setattr(settings_mod, "declared", lambda: patched)
     assert run_models_main() == 0
     assert [call["model"] for call in cli_downloads] == ["someone/other-model"]
 

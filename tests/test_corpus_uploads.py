@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import manifest, multipart
+from conftest import manifest, multipart, originals_dir
 from PIL import Image
 
 from imgapi_core import settings as settings_mod
@@ -85,7 +85,7 @@ async def test_every_photo_uploads_with_its_true_size_and_format(client, cfg, ph
     assert not problems, "\n".join(problems)
     _, res = await client.get("/api/stats")
     assert (res.json["total"], res.json["failed"]) == (len(rows), 0)
-    assert len(files_in(cfg.originals_dir)) == len(rows)
+    assert len(files_in(originals_dir(cfg))) == len(rows)
     assert files_in(cfg.tmp_dir) == []
 
 
@@ -180,8 +180,8 @@ async def test_every_hostile_file_is_refused_clearly_or_accepted_cleanly(client,
     recorded = image_rows(cfg)
     assert set(recorded) == set(outcomes), set(outcomes) ^ set(recorded)
     accepted = {i for i, error in recorded.items() if error is None}
-    assert len(files_in(cfg.originals_dir)) == len(accepted)
-    assert {p.stem for p in files_in(cfg.originals_dir)} == accepted
+    assert len(files_in(originals_dir(cfg))) == len(accepted)
+    assert {p.stem for p in files_in(originals_dir(cfg))} == accepted
     assert files_in(cfg.tmp_dir) == []
     _, res = await client.get("/api/stats")
     assert res.json["total"] == len(rows)

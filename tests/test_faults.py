@@ -22,6 +22,7 @@ from PIL import ExifTags, Image, ImageDraw
 from procs import Proc, RedisServer, redis_server, redis_server_path, start_api, start_worker
 
 from imgapi_core import imaging
+from imgapi_core.media import thumbnail_key
 
 pytestmark = [pytest.mark.slow]
 
@@ -124,6 +125,7 @@ def assert_consistent(db_path: str, media_dir: Path) -> None:
         assert stats[row["image_id"]]["status"] == int(ok), dict(row)
         if ok:
             assert row["image_path"] and row["metadata_sha256"] in metadata, dict(row)
+            assert row["image_path"].startswith("originals/"), "a storage key, not a path"
             stored.add(Path(row["image_path"]).name)
         else:
             assert row["image_path"] is None and row["metadata_sha256"] is None, dict(row)
@@ -148,12 +150,13 @@ def assert_jobs_done_right(db_path: str, media_dir: Path, make: str | None = "im
         states = dict(item.split("=") for item in row["js"].split(","))
         assert states == {"thumbnail": "done", "exif": "done", "caption": "skipped"}, states
         exif = json.loads(row["exif_json"])
-        assert exif == imaging.extract_exif(row["image_path"])
+        original = media_dir / row["image_path"]
+        assert exif == imaging.extract_exif(original)
         if make is not None:
             assert exif.get("Make") == make, exif
-        fresh = imaging.render_thumbnails(row["image_path"])
+        fresh = imaging.render_thumbnails(original)
         for size, data in fresh.items():
-            path = imaging.thumbnail_path(media_dir / "thumbnails", size, row["sha256"])
+            path = media_dir / thumbnail_key(size, row["sha256"])
             assert path.read_bytes() == data, f"{size} thumbnail of {row['sha256'][:12]} differs"
 
 

@@ -322,20 +322,6 @@ def test_mangled_files_only_ever_raise_rejected(photos: Path, tmp_path: Path) ->
 # --- thumbnails ------------------------------------------------------------------------------
 
 
-def test_thumbnail_path(tmp_path: Path) -> None:
-    assert imaging.thumbnail_path(tmp_path, "small", SHA) == tmp_path / "small" / f"{SHA}.jpeg"
-    assert imaging.thumbnail_path(str(tmp_path), "medium", SHA).parent.name == "medium"
-
-
-@pytest.mark.parametrize(
-    ("size", "sha256"),
-    [("../x", SHA), ("small/..", SHA), ("", SHA), ("small", SHA.upper()), ("small", "ab" * 31)],
-)
-def test_thumbnail_path_refuses_unsafe_parts(tmp_path: Path, size: str, sha256: str) -> None:
-    with pytest.raises(ValueError):
-        imaging.thumbnail_path(tmp_path, size, sha256)
-
-
 def _render(path: Path) -> dict[str, Image.Image]:
     return {name: _decoded(data) for name, data in imaging.render_thumbnails(path).items()}
 
@@ -507,45 +493,6 @@ def test_thumbnails_of_an_undecodable_file_are_rejected(hostile: Path, tmp_path:
         assert caught.value.status in (400, 413)
     with pytest.raises(FileNotFoundError):  # a missing file is our bug, not the client's
         imaging.render_thumbnails(tmp_path / "missing.jpg")
-
-
-def test_write_thumbnails_is_atomic_and_idempotent(photos: Path, tmp_path: Path) -> None:
-    src = photos / "orient6.jpg"
-    root = tmp_path / "thumbnails"
-    paths = imaging.write_thumbnails(src, root, SHA)
-    assert paths == {size: imaging.thumbnail_path(root, size, SHA) for size in imaging.THUMB_SIZES}
-    first = {size: path.read_bytes() for size, path in paths.items()}
-    assert first == imaging.render_thumbnails(src)
-    assert all((path.stat().st_mode & 0o777) == 0o644 for path in paths.values())
-
-    again = imaging.write_thumbnails(src, root, SHA)
-    assert {size: path.read_bytes() for size, path in again.items()} == first
-    leftovers = sorted(p.name for p in root.rglob("*") if p.is_file())
-    assert leftovers == [f"{SHA}.jpeg", f"{SHA}.jpeg"]
-
-
-def test_write_thumbnails_failure_leaves_no_partial_file(
-    photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = tmp_path / "thumbnails"
-    before = imaging.write_thumbnails(photos / "orient1.jpg", root, SHA)
-    old = {size: path.read_bytes() for size, path in before.items()}
-
-    def broken_replace(src: str, dst: str) -> None:
-        raise OSError("disk on fire")
-
-    monkeypatch.setattr(imaging.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk on fire"):
-        imaging.write_thumbnails(photos / "orient3.jpg", root, SHA)
-    # The old thumbnails are intact and no temporary file is left behind.
-    assert {size: path.read_bytes() for size, path in before.items()} == old
-    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == [f"{SHA}.jpeg"] * 2
-
-
-def test_write_thumbnails_of_a_bad_file_writes_nothing(hostile: Path, tmp_path: Path) -> None:
-    with pytest.raises(ClientError):
-        imaging.write_thumbnails(hostile / "jpeg-truncated-10000b.jpg", tmp_path / "t", SHA)
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
 def test_thread_pool_gives_the_same_results(photos: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import corpus_folder, multipart, running_app, wait_for
+from conftest import corpus_folder, multipart, originals_dir, running_app, thumbnail_file, wait_for
 from PIL import Image
 from sanic import Sanic
 from sanic_testing.testing import SanicASGITestClient
@@ -103,13 +103,13 @@ async def wait_jobs(
 
 
 def original_path(cfg: Settings, image_id: str) -> Path:
-    (path,) = cfg.originals_dir.glob(f"{image_id}.*")
+    (path,) = originals_dir(cfg).glob(f"{image_id}.*")
     return path
 
 
 def thumbnail_files(cfg: Settings, sha256: str) -> dict[str, Path]:
     return {
-        size: imaging.thumbnail_path(cfg.thumbnails_dir, size, sha256)
+        size: thumbnail_file(cfg, size, sha256)
         for size in ("small", "medium")
     }
 
@@ -224,7 +224,7 @@ async def quiet_app(make_settings: Callable[..., Settings]) -> AsyncIterator[San
 
 @pytest.fixture
 async def runtime(quiet_app: Sanic) -> AsyncIterator[jobs.Runtime]:
-    rt = jobs.Runtime(quiet_app.ctx.settings, quiet_app.ctx.store)
+    rt = jobs.Runtime(quiet_app.ctx.settings, quiet_app.ctx.store, quiet_app.ctx.media)
     try:
         yield rt
     finally:
@@ -285,7 +285,7 @@ async def test_transient_error_backs_off_then_fails_keeping_the_last_error(
         calls.append(1)
         raise OSError(f"disk hiccup {len(calls)}")
 
-    monkeypatch.setattr(imaging, "write_thumbnails", broken)
+    monkeypatch.setattr(imaging, "render_thumbnails", broken)
 
     for attempt, backoff in ((1, 2.0), (2, 4.0)):
         assert await runtime.run("thumbnail", sha256) == "retrying"
@@ -333,7 +333,7 @@ async def test_transient_errors_with_the_in_process_runner(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = make_settings(JOB_MAX_ATTEMPTS="2")
-    real_write = imaging.write_thumbnails
+    real_write = imaging.render_thumbnails
     thumbnail_calls: list[int] = []
 
     def flaky_write(*args: Any) -> Any:
@@ -345,7 +345,7 @@ async def test_transient_errors_with_the_in_process_runner(
     def broken_exif(*_args: Any) -> Any:
         raise RuntimeError("exif reader crashed")
 
-    monkeypatch.setattr(imaging, "write_thumbnails", flaky_write)
+    monkeypatch.setattr(imaging, "render_thumbnails", flaky_write)
     monkeypatch.setattr(imaging, "extract_exif", broken_exif)
     async with running_app(cfg) as application:
         client = SanicASGITestClient(application)
@@ -444,14 +444,14 @@ async def test_api_restart_loses_no_job(
     """Closed with jobs queued and running: the running ones go back to queued; a new start
     runs them all."""
     cfg = make_settings()
-    real_write = imaging.write_thumbnails
+    real_write = imaging.render_thumbnails
     release = threading.Event()
 
     def held_write(*args: Any) -> Any:
         release.wait(20)  # thumbnail jobs are still running when the API closes
         return real_write(*args)
 
-    monkeypatch.setattr(imaging, "write_thumbnails", held_write)
+    monkeypatch.setattr(imaging, "render_thumbnails", held_write)
     big = photo_bytes("xiaomi-mi9t-12mp-orient6.jpg")
     async with running_app(cfg) as application:
         client = SanicASGITestClient(application)

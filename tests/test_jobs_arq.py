@@ -39,8 +39,9 @@ from test_jobs import (
 from imgapi_core import runtime as runtime_mod
 from imgapi_core import worker as worker_mod
 from imgapi_core.dispatch import job_id
+from imgapi_core.media import open_media
 from imgapi_core.settings import Settings
-from imgapi_core.store import Store
+from imgapi_core.store import open_store
 
 pytestmark = pytest.mark.redis
 
@@ -120,8 +121,9 @@ async def arq_worker(cfg: Settings, *, burst: bool = False) -> AsyncIterator[Wor
     for name in ("on_startup", "on_shutdown"):
         options.pop(name)
     options.update(burst=burst, poll_delay=0 if burst else cfg.arq_poll_seconds)
-    store = await Store(cfg.db_path).open()
-    runtime = runtime_mod.Runtime(cfg, store)
+    store = await open_store(cfg)
+    media = await open_media(cfg)
+    runtime = runtime_mod.Runtime(cfg, store, media)
     worker = Worker(**options, handle_signals=False, ctx={"imgapi": runtime})
     task = asyncio.create_task(worker.main())
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -53,6 +54,10 @@ def test_keys_are_built_from_server_values_only():
         thumbnail_key("../..", SHA)
     for key in ("originals/../x.jpg", "/etc/passwd", "originals/a.jpg/..", "thumbnails/x.jpeg"):
         assert not is_valid_key(key), key
+    for key in ("originals/..", "originals/.x.jpg.tmp", "originals/", "originals/a\\b.jpg"):
+        assert not is_valid_key(key), key
+    # A database upgraded from the seed keeps the seed's own file names as keys.
+    assert is_valid_key("originals/IMG 1.JPG")
 
 
 async def test_put_file_moves_it_in_whole(media, tmp_path):
@@ -67,12 +72,23 @@ async def test_put_file_moves_it_in_whole(media, tmp_path):
         assert path.read_bytes() == DATA
 
 
-async def test_stream_gives_any_byte_range(media, tmp_path):
+async def test_an_opened_object_gives_any_byte_range(media, tmp_path):
     key = original_key("abc", "jpg")
     await media.put_file(key, source_file(tmp_path))
-    for start, end in ((0, None), (0, 1), (100, 300_000), (255_999, None), (1000, 1000)):
-        got = b"".join([chunk async for chunk in media.stream(key, start, end)])
-        assert got == DATA[start:end], (start, end)
+    async with media.reader(key) as reader:
+        assert reader.stat.size == len(DATA)
+        for start, end in ((0, None), (0, 1), (100, 300_000), (255_999, None), (1000, 1000)):
+            got = b"".join([chunk async for chunk in reader.chunks(start, end)])
+            assert got == DATA[start:end], (start, end)
+
+
+async def test_an_opened_object_keeps_its_bytes_through_a_delete(media, tmp_path):
+    key = original_key("abc", "jpg")
+    await media.put_file(key, source_file(tmp_path))
+    async with media.reader(key) as reader:
+        await media.delete([key])
+        assert b"".join([chunk async for chunk in reader.chunks()]) == DATA
+    assert await media.stat(key) is None
 
 
 async def test_put_bytes_replaces_whole(media):
@@ -91,7 +107,7 @@ async def test_missing_objects_read_as_missing(media, tmp_path):
         async with media.local_file(key):
             pass
     with pytest.raises(MediaMissing):
-        async for _ in media.stream(key):
+        async with media.reader(key):
             pass
     await media.delete([key])  # missing is fine
 
@@ -114,14 +130,21 @@ async def test_delete_removes(media, tmp_path):
     assert [await media.stat(k) for k in keys] == [None, None]
 
 
-async def test_a_full_disk_is_out_of_space(media, tmp_path, monkeypatch):
+@pytest.mark.parametrize("only_folders", [False, True], ids=["file", "folder"])
+async def test_a_full_disk_is_out_of_space(media, tmp_path, monkeypatch, only_folders):
+    real_fsync = os.fsync
+
     def no_space(fd: int) -> None:
+        # The folder's fsync comes after the rename: the object was in place for a moment.
+        if only_folders and not stat.S_ISDIR(os.fstat(fd).st_mode):
+            return real_fsync(fd)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(OutOfSpace):
         await media.put_file(original_key("abc", "jpg"), source_file(tmp_path))
     assert await media.stat(original_key("abc", "jpg")) is None
+    assert list((tmp_path / "media" / "originals").iterdir()) == []
 
 
 async def test_sweep_removes_old_unreferenced_files_only(media, tmp_path):
@@ -151,3 +174,25 @@ async def test_sweep_removes_old_unreferenced_files_only(media, tmp_path):
     assert await media.stat(keep) and await media.stat(thumb_keep) and await media.stat(young)
     assert await media.stat(orphan) is None and await media.stat(thumb_orphan) is None
     assert not stray.exists()
+
+
+# -- the local folder ------------------------------------------------------------------------------
+
+
+async def test_local_thumbnails_are_readable_files_and_a_failed_write_keeps_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    media = await LocalMedia(tmp_path / "media").open()
+    key = thumbnail_key("small", SHA)
+    await media.put_bytes(key, b"old")
+    path = tmp_path / "media" / key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # served content, not a private temp file
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk on fire"):
+        await media.put_bytes(key, b"new")
+    assert await media.read_bytes(key) == b"old"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import httpx
 import procs
 import pytest
-from conftest import multipart
+from conftest import multipart, originals_dir
 from PIL import Image
 
-from imgapi_core.routes.media import CHUNK_BYTES
+from imgapi_core.media.local import CHUNK as CHUNK_BYTES
 
 THUMB_CACHE = "public, max-age=31536000, immutable"
 
@@ -279,7 +279,7 @@ async def test_if_match_and_if_unmodified_since_answer_412_when_they_fail(client
 async def test_original_whose_file_is_gone_is_404(client, cfg):
     data = noise_png(40)
     url, record = await uploaded_original(client, data)
-    (stored,) = Path(cfg.originals_dir).glob(f"{record['image_id']}.*")
+    (stored,) = Path(originals_dir(cfg)).glob(f"{record['image_id']}.*")
     stored.unlink()
     _, res = await client.get(url, headers={"range": "bytes=0-9"})
     assert_error_shape(res, 404)

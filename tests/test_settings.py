@@ -29,16 +29,15 @@ def test_defaults_match_the_design():
     assert cfg.caption_batch >= 1 and cfg.job_concurrency >= 1
     assert cfg.hf_token == ""
     assert cfg.captions_enabled
-    assert cfg.originals_dir == Path("./media/originals")
-    assert cfg.thumbnails_dir == Path("./media/thumbnails")
+    assert cfg.tmp_dir == Path("./media/tmp")
 
 
 def test_every_setting_is_declared_once_with_help():
-    names = [name for name, *_ in settings_mod.SETTINGS]
+    names = [name for name, *_ in settings_mod.declared()]
     assert len(names) == len(set(names))
     fields = {f.name for f in dataclasses.fields(settings_mod.Settings)}
     assert {name.lower() for name in names} == fields
-    for name, default, parse, help_text in settings_mod.SETTINGS:
+    for name, default, parse, help_text in settings_mod.declared():
         assert name.isupper() and help_text.strip(), name
         parse(default)  # every default is valid
 
@@ -173,7 +172,7 @@ def test_replace_keeps_the_rest():
     ],
 )
 def test_start_with_a_bad_value_exits_with_one_line_on_stderr(tmp_path, name, value):
-    names = {setting for setting, *_ in settings_mod.SETTINGS}
+    names = {setting for setting, *_ in settings_mod.declared()}
     env = {k: v for k, v in os.environ.items() if k not in names}
     env.update({name: value, "DB_PATH": str(tmp_path / "db.sqlite")})
     env["MEDIA_DIR"] = str(tmp_path / "media")
@@ -198,5 +197,5 @@ def test_readme_lists_every_setting():
     if not readme.is_file():
         pytest.skip("README.md is not written yet")
     text = readme.read_text()
-    missing = [name for name, *_ in settings_mod.SETTINGS if name not in text]
+    missing = [name for name, *_ in settings_mod.declared() if name not in text]
     assert not missing, f"README.md does not list {missing}"

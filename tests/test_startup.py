@@ -6,7 +6,6 @@ A process that hangs instead fails its test: run_command's timeout raises Timeou
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from procs import REPO, free_port, run_command, settings_for
+
+from imgapi_core import uploads
 
 BAD_SETTING = "imgapi: bad setting: "
 CANNOT_START = "imgapi: cannot start: "
@@ -73,13 +74,14 @@ def test_a_media_dir_that_cannot_be_made_stops_the_start(tmp_path: Path) -> None
 
 
 def test_a_failure_after_the_database_is_open_closes_it_and_exits(tmp_path: Path) -> None:
-    # An entry of originals/ that cannot be read (a symlink loop) fails the start after the
-    # database is open: its connection threads must be closed, or the process never ends.
-    originals = tmp_path / "media" / "originals"
-    originals.mkdir(parents=True)
-    os.symlink("loop", originals / "loop")
+    # A leftover upload temp file that cannot be removed (a folder under that name) fails the
+    # start-up sweep, after the database is open: its connection threads must be closed, or the
+    # process never ends.
+    tmp = tmp_path / "media" / "tmp"
+    stuck = tmp / f"{uploads.TEMP_PREFIX}{socket.gethostname()}-999999-x.part"
+    stuck.mkdir(parents=True)
     line = only_line(run_api(tmp_path))
-    assert line.startswith(CANNOT_START) and "loop" in line, line
+    assert line.startswith(CANNOT_START) and stuck.name in line, line
     assert (tmp_path / "data" / "imgapi.db").exists()  # it did get that far
 
 

@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-from imgapi_core.store import JOB_KINDS, Store, now_iso
+from imgapi_core.store import JOB_KINDS, NewUpload, now_iso
+from imgapi_core.store.sqlite import SqliteStore as Store
 
 
 @pytest.fixture
@@ -55,20 +56,28 @@ def write_lock_held(db_path: Path) -> Iterator[threading.Event]:
         thread.join(30)
 
 
-def record(store: Store, image_id: str, sha256: str):
-    stamp = now_iso()
-    return store.record_success(
-        image_id=image_id,
-        original_name=f"{image_id}.jpg",
-        processed_at=stamp,
-        image_path=f"originals/{image_id}.jpg",
-        start_time=stamp,
-        sha256=sha256,
-        width=4,
-        height=3,
-        fmt="jpeg",
-        size_bytes=100,
-        kinds=dict.fromkeys(JOB_KINDS, ("queued", None)),
+async def add_image(
+    store: Store,
+    image_id: str,
+    sha256: str,
+    processed_at: str | None = None,
+    jobs: Mapping[str, tuple[str, str | None]] | None = None,
+) -> bool:
+    stamp = processed_at or now_iso()
+    return await store.record_success(
+        NewUpload(
+            image_id=image_id,
+            original_name=f"{image_id}.jpg",
+            processed_at=stamp,
+            start_time=stamp,
+            original_key=f"originals/{image_id}.jpg",
+            sha256=sha256,
+            width=4,
+            height=3,
+            format="jpeg",
+            size_bytes=100,
+            jobs=dict.fromkeys(JOB_KINDS, ("queued", None)) if jobs is None else jobs,
+        )
     )
 
 
@@ -103,20 +112,22 @@ async def test_writes_cancelled_at_every_point_leave_no_open_transaction(store, 
     n = 0
     for steps in range(0, 40):
         n += 1
-        await cancel_after(record(store, f"free{n}", f"{n:064x}"), steps)
+        await cancel_after(add_image(store, f"free{n}", f"{n:064x}"), steps)
     with write_lock_held(db_path) as release:
         cancelled = []
         for steps in range(0, 10):
             n += 1
             cancelled.append(
-                asyncio.ensure_future(cancel_after(record(store, f"busy{n}", f"{n:064x}"), steps))
+                asyncio.ensure_future(
+                    cancel_after(add_image(store, f"busy{n}", f"{n:064x}"), steps)
+                )
             )
         await asyncio.sleep(0.3)  # the writes that were taken up now wait in BEGIN IMMEDIATE
         release.set()
         await asyncio.gather(*cancelled)
     whole_or_absent(db_path)
     # The writer is usable: a new write commits and is seen by a fresh connection.
-    assert await record(store, "after", "f" * 64) is True
+    assert await add_image(store, "after", "f" * 64) is True
     whole_or_absent(db_path)
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT 1 FROM images WHERE image_id = 'after'").fetchone()
@@ -126,7 +137,7 @@ async def test_a_cancelled_write_waits_for_its_transaction_to_end(store, db_path
     """The caller's cancellation goes on only once the transaction has ended: what it does next
     (remove a file it wrote, record a failure) sees the database as the write left it."""
     with write_lock_held(db_path) as release:
-        task = asyncio.ensure_future(record(store, "slow", "a" * 64))
+        task = asyncio.ensure_future(add_image(store, "slow", "a" * 64))
         await asyncio.sleep(0.3)
         task.cancel()
         await asyncio.sleep(0.3)
@@ -140,7 +151,7 @@ async def test_a_cancelled_write_waits_for_its_transaction_to_end(store, db_path
 
 
 async def test_reads_cancelled_at_every_point_leave_no_stale_snapshot(store, db_path):
-    await record(store, "one", "a" * 64)
+    await add_image(store, "one", "a" * 64)
     for steps in range(0, 30):
         await cancel_after(store.record_with_jobs("one"), steps)
         await cancel_after(store.page_with_jobs(limit=10), steps)
@@ -150,7 +161,7 @@ async def test_reads_cancelled_at_every_point_leave_no_stale_snapshot(store, db_
         conn.execute("UPDATE metadata SET caption = 'seen' WHERE sha256 = ?", ("a" * 64,))
     for _ in range(8):
         row, _jobs = await store.record_with_jobs("one")
-        assert row is not None and row["caption"] == "seen"
+        assert row is not None and row.caption == "seen"
 
 
 async def test_a_write_that_fails_in_commit_is_rolled_back(store, db_path, monkeypatch):
@@ -162,6 +173,6 @@ async def test_a_write_that_fails_in_commit_is_rolled_back(store, db_path, monke
 
     with pytest.raises(sqlite3.OperationalError):
         await store.write(broken)
-    assert await record(store, "after", "b" * 64) is True
+    assert await add_image(store, "after", "b" * 64) is True
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT 1 FROM schema_migrations WHERE version = -5").fetchone() is None

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 
-from conftest import multipart
+from conftest import multipart, thumbnail_file
 from PIL import Image
 from sanic_testing.testing import SanicASGITestClient
 
 from imgapi_core import app as imgapi_app
-from imgapi_core import imaging
 
 
 async def test_an_empty_thumbnail_left_by_a_crash_is_rendered_again(make_settings, photos) -> None:
@@ -23,7 +22,7 @@ async def test_an_empty_thumbnail_left_by_a_crash_is_rendered_again(make_setting
         assert res.status == 201
         image_id, sha256 = res.json["data"]["image_id"], res.json["data"]["metadata"]["sha256"]
         # What a power loss can leave of an unsynced write: the name, with no data behind it.
-        path = imaging.thumbnail_path(cfg.thumbnails_dir, "small", sha256)
+        path = thumbnail_file(cfg, "small", sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
         _, res = await client.get(f"/api/images/{image_id}/thumbnails/small")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import originals_dir
 from PIL import Image
 from sanic import Sanic
 
@@ -82,7 +83,7 @@ def assert_recorded(cfg: settings_mod.Settings, body: dict, original_name: str) 
     )
     assert stats == [(0, 1)]
     assert files_in(cfg.tmp_dir) == []
-    assert files_in(cfg.originals_dir) == []
+    assert files_in(originals_dir(cfg)) == []
 
 
 async def post(client, body: bytes | AsyncIterator[bytes], **headers: str):
@@ -335,3 +336,41 @@ async def test_drain_lets_cancelled_uploads_record_before_the_store_closes(app: 
         ("late.jpg", "upload interrupted: the server was shutting down")
     ]
     assert files_in(cfg.tmp_dir) == []
+
+
+@pytest.mark.parametrize("step", ["put_file", "record_success"])
+async def test_a_client_leaving_while_its_upload_is_stored_and_recorded(
+    app: Sanic, cfg, monkeypatch: pytest.MonkeyPatch, step: str
+):
+    """Once the bytes are whole and valid, storing and recording them is one unit: a cancellation
+    in the middle (the client left) neither splits it (an original removed under a committed
+    record, or a record of an interruption next to the stored image) nor loses the upload."""
+    pipeline: pipeline_mod.Pipeline = app.ctx.pipeline
+    target = app.ctx.media if step == "put_file" else app.ctx.store
+    real = getattr(target, step)
+    entered, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any) -> Any:
+        entered.set()
+        await go_on.wait()
+        return await real(*args)
+
+    monkeypatch.setattr(target, step, held)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield form(b'; filename="kept.jpg"', jpeg_bytes())
+
+    task = asyncio.create_task(pipeline.ingest(body(), MULTIPART_TYPE))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    go_on.set()
+    await pipeline.drain()
+    rows = db_rows(cfg, "SELECT image_id, original_name, error, image_path FROM images")
+    assert len(rows) == 1, rows
+    image_id, name, error, key = rows[0]
+    assert (name, error) == ("kept.jpg", None)
+    assert files_in(originals_dir(cfg)) == [Path(cfg.media_dir) / key]
+    assert files_in(cfg.tmp_dir) == []
+    assert db_rows(cfg, "SELECT status FROM stats WHERE image_id = ?", image_id) == [(1,)]

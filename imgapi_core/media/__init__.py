@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 ORIGINALS = "originals"
 THUMBNAILS = "thumbnails"
 
-_ORIGINAL_KEY = re.compile(r"originals/[A-Za-z0-9_-]{1,64}\.[a-z0-9]{1,8}")
+# Wider than what original_key() builds: a database upgraded from the seed holds its own file
+# names (any case, spaces). One path component, never hidden (temp files are) and never "..".
+_ORIGINAL_KEY = re.compile(r"originals/(?!\.)[^/\\\x00]{1,255}")
 _THUMBNAIL_KEY = re.compile(r"thumbnails/([a-z0-9_-]{1,32})/([0-9a-f]{64})\.jpeg")
 # Ids are ours (hex); a seed database may hold others, like "img123".
 _IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -45,6 +47,17 @@ class OutOfSpace(OSError):
 class MediaStat:
     size: int
     mtime: float
+
+
+class Reader(Protocol):
+    """One version of an object, opened: its size and bytes stay those of the moment it was
+    opened, even if the object is deleted or replaced while it is read."""
+
+    stat: MediaStat
+
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) in chunks; memory stays flat whatever the size."""
+        ...
 
 
 def original_key(image_id: str, ext: str) -> str:
@@ -87,8 +100,8 @@ class Media(Protocol):
 
     async def stat(self, key: str) -> MediaStat | None: ...
 
-    def stream(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the object, in chunks; memory stays flat."""
+    def reader(self, key: str) -> AbstractAsyncContextManager[Reader]:
+        """Raises MediaMissing for a missing (or empty) object."""
         ...
 
     def local_file(self, key: str) -> AbstractAsyncContextManager[Path]:

@@ -80,7 +80,13 @@ class LocalMedia:
                 os.close(fd)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, dest)
-            _fsync_dir(dest.parent)
+            try:
+                _fsync_dir(dest.parent)
+            except BaseException:
+                # The rename may not last: a failed put leaves no object under the key.
+                with contextlib.suppress(FileNotFoundError):
+                    dest.unlink()
+                raise
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(self._put_bytes, self.path(key), data)
@@ -130,26 +136,20 @@ class LocalMedia:
             raise MediaMissing(key)
         return data
 
-    async def stream(
-        self, key: str, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
+    @contextlib.asynccontextmanager
+    async def reader(self, key: str) -> AsyncIterator[LocalReader]:
         try:
-            handle = await asyncio.to_thread(open, self.path(key), "rb")
+            fd = await asyncio.to_thread(os.open, self.path(key), os.O_RDONLY)
         except FileNotFoundError:
             raise MediaMissing(key) from None
         try:
-            await asyncio.to_thread(handle.seek, start)
-            left = None if end is None else end - start
-            while left is None or left > 0:
-                size = CHUNK if left is None else min(CHUNK, left)
-                chunk = await asyncio.to_thread(handle.read, size)
-                if not chunk:
-                    return
-                if left is not None:
-                    left -= len(chunk)
-                yield chunk
+            # Measured on the open handle: a delete or replace after this leaves these bytes.
+            st = os.fstat(fd)
+            if st.st_size == 0:
+                raise MediaMissing(key)
+            yield LocalReader(fd, MediaStat(st.st_size, st.st_mtime))
         finally:
-            handle.close()
+            os.close(fd)
 
     @contextlib.asynccontextmanager
     async def local_file(self, key: str) -> AsyncIterator[Path]:
@@ -185,3 +185,20 @@ class LocalMedia:
                     else:
                         strays.append(path)
         return keys, strays
+
+
+class LocalReader:
+    def __init__(self, fd: int, stat: MediaStat) -> None:
+        self._fd = fd
+        self.stat = stat
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        end = self.stat.size if end is None else min(end, self.stat.size)
+        offset = start
+        while offset < end:
+            chunk = await asyncio.to_thread(os.pread, self._fd, min(CHUNK, end - offset), offset)
+            if not chunk:
+                # The caller may have promised the length already: fail rather than come up short.
+                raise OSError(f"object ended at byte {offset} of {end}")
+            yield chunk
+            offset += len(chunk)

@@ -7,30 +7,28 @@ import asyncio
 from sanic import Blueprint, HTTPResponse, Request
 
 from imgapi_core.routes import json_response
+from imgapi_core.store import JOB_STATES
 
 bp = Blueprint("system")
 
 
 @bp.get("/api/stats", name="stats")
 async def stats(request: Request) -> HTTPResponse:
-    raw_stats = await request.app.ctx.store.stats()
-    total, failed = raw_stats["total"], raw_stats["failed"]
+    counts = await request.app.ctx.store.stats()
+    total, failed = counts.total, counts.failed
     rate = (total - failed) / total * 100 if total else 0.0
-    average = raw_stats["average_processing_time_seconds"]
-    jobs = raw_stats["jobs"]
+    average = counts.average_processing_time_seconds
+    jobs = counts.jobs
     return json_response(
         {
             "total": total,
             "failed": failed,
             "success_rate": f"{rate:.2f}%",
             "average_processing_time_seconds": round(average, 3) if average is not None else 0,
-            "processing": raw_stats["processing"],
+            "processing": counts.processing,
             "queued_jobs": jobs.get("queued", 0) + jobs.get("running", 0),
             "failed_jobs": jobs.get("failed", 0),
-            "jobs": {
-                state: jobs.get(state, 0)
-                for state in ("queued", "running", "done", "failed", "skipped")
-            },
+            "jobs": {state: jobs.get(state, 0) for state in JOB_STATES},
         }
     )
 

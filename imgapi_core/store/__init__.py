@@ -1,10 +1,199 @@
-"""The store: where uploads, metadata, jobs and stats live (SQLite: imgapi_core.store.sqlite)."""
+"""The store interface: where uploads, metadata, jobs and stats live.
+
+One protocol with the domain methods the service uses, returning the small dataclasses below
+(never a driver's row type), and `open_store(settings)` to get the configured implementation.
+SQLite (imgapi_core.store.sqlite) is the one today; a PostgreSQL one slots in beside it without
+touching callers.
+"""
 
 from __future__ import annotations
 
-from imgapi_core.store.sqlite import FINISHED, JOB_KINDS, Deleted, Job, NotWritable, SqliteStore
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
 from imgapi_core.timestamps import now_iso
 
-Store = SqliteStore
+if TYPE_CHECKING:
+    from imgapi_core.settings import Settings
 
-__all__ = ["FINISHED", "JOB_KINDS", "Deleted", "Job", "NotWritable", "Store", "now_iso"]
+JOB_KINDS = ("thumbnail", "exif", "caption")
+JOB_STATES = ("queued", "running", "done", "failed", "skipped")
+FINISHED = ("done", "failed", "skipped")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One upload, failed or stored, with the metadata of its bytes when it was stored."""
+
+    image_id: str
+    original_name: str
+    processed_at: str
+    error: str | None = None
+    original_key: str | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    size_bytes: int | None = None
+    first_upload: str | None = None
+    exif_json: str | None = None
+    caption: str | None = None
+
+
+@dataclass(frozen=True)
+class JobState:
+    kind: str
+    state: str
+    attempts: int
+    error: str | None = None
+    runner: str | None = None
+
+
+@dataclass(frozen=True)
+class KnownImage:
+    """What an earlier, successful upload of the same bytes established."""
+
+    sha256: str
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    total: int
+    failed: int
+    processing: int
+    average_processing_time_seconds: float | None
+    jobs: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    sha256: str
+    kind: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Deleted:
+    original_key: str | None
+    sha256: str | None
+    last_reference: bool
+
+
+@dataclass(frozen=True)
+class NewUpload:
+    """A validated upload, ready to be recorded with its jobs."""
+
+    image_id: str
+    original_name: str
+    processed_at: str
+    start_time: str
+    original_key: str
+    sha256: str
+    width: int
+    height: int
+    format: str
+    size_bytes: int
+    # Each job kind's first state and a note ("queued", or "skipped" with why).
+    jobs: Mapping[str, tuple[str, str | None]]
+
+
+class NotWritable(RuntimeError):
+    """The database can be read but not written (a read-only file, folder or mount)."""
+
+
+JobsByImage = dict[str, dict[str, JobState]]
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+    async def check_writable(self) -> None:
+        """Raises NotWritable when a write would fail."""
+        ...
+
+    # uploads
+    async def record_success(self, upload: NewUpload) -> bool:
+        """All rows of a stored upload at once; True when it has jobs still to run."""
+        ...
+
+    async def record_failure(
+        self, *, image_id: str, original_name: str, processed_at: str, start_time: str, error: str
+    ) -> None: ...
+    async def known_image(self, sha256: str) -> KnownImage | None: ...
+
+    # reading
+    async def get_record(self, image_id: str) -> Record | None: ...
+    async def record_with_jobs(self, image_id: str) -> tuple[Record | None, dict[str, JobState]]:
+        """One record and its jobs, read in one snapshot."""
+        ...
+
+    async def page_with_jobs(
+        self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
+    ) -> tuple[list[Record], JobsByImage]:
+        """Newest first; `before` is the (processed_at, image_id) of the last record seen."""
+        ...
+
+    async def stats(self) -> Stats: ...
+
+    # deleting, and what the start-up sweep compares files with
+    async def delete_image(self, image_id: str) -> Deleted | None: ...
+    async def original_keys(self) -> set[str]: ...
+    async def known_sha256s(self, sha256s: Iterable[str]) -> set[str]:
+        """Those of `sha256s` that some stored image still refers to."""
+        ...
+
+    async def original_of(self, sha256: str) -> str | None:
+        """The storage key of any stored original of these bytes."""
+        ...
+
+    # jobs
+    async def claim_job(
+        self, sha256: str, kind: str, runner: str, lease_s: float
+    ) -> Job | None: ...
+    async def renew_leases(
+        self, runner: str, jobs: Iterable[tuple[str, str]], lease_s: float
+    ) -> int: ...
+    async def finish_job(
+        self, sha256: str, kind: str, runner: str, state: str, error: str | None = None
+    ) -> bool: ...
+    async def retry_job(
+        self, sha256: str, kind: str, runner: str, error: str, delay_s: float
+    ) -> bool: ...
+    async def skip_queued(self, kind: str, reason: str) -> int: ...
+    async def due_jobs(self, limit: int, updated_before: str | None = None) -> list[Job]: ...
+    async def release_lapsed(
+        self, max_attempts: int, backoff_s: Callable[[int], float]
+    ) -> list[Job]: ...
+    async def job_state(self, sha256: str, kind: str) -> JobState | None: ...
+    async def set_exif(self, sha256: str, exif_json: str) -> None: ...
+    async def set_caption(self, sha256: str, caption: str) -> None: ...
+
+
+async def open_store(settings: Settings) -> Store:
+    """The configured store, opened: migrations applied, writability checked."""
+    from imgapi_core.store.sqlite import SqliteStore
+
+    return await SqliteStore(settings.db_path).open()
+
+
+__all__ = [
+    "FINISHED",
+    "JOB_KINDS",
+    "JOB_STATES",
+    "Deleted",
+    "Job",
+    "JobState",
+    "JobsByImage",
+    "KnownImage",
+    "NewUpload",
+    "NotWritable",
+    "Record",
+    "Stats",
+    "Store",
+    "now_iso",
+    "open_store",
+]

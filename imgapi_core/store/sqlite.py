@@ -17,16 +17,25 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from imgapi_core.store import (
+    FINISHED,
+    Deleted,
+    Job,
+    JobsByImage,
+    JobState,
+    KnownImage,
+    NewUpload,
+    NotWritable,
+    Record,
+    Stats,
+)
 from imgapi_core.timestamps import now_iso
 
 T = TypeVar("T")
 
-JOB_KINDS = ("thumbnail", "exif", "caption")
-FINISHED = ("done", "failed", "skipped")
 BUSY_TIMEOUT_MS = 30_000
 
 MIGRATIONS: tuple[str, ...] = (
@@ -103,25 +112,27 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN lapses INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: images.image_path held the original's server path (absolute, or relative to the working
+    # folder of the process that stored it). It holds its storage key now, originals/{file name},
+    # so moving MEDIA_DIR (or starting a worker elsewhere) keeps every original found.
+    """
+    UPDATE images
+      -- the file name: what is left once rtrim() has taken the folder part off the end
+      SET image_path = 'originals/' || replace(image_path,
+        rtrim(image_path, replace(image_path, '/', '')), '')
+      WHERE image_path IS NOT NULL AND image_path NOT LIKE 'originals/%';
+    """,
+    # 6: a database from the seed may hold uploads it never finished processing (its stats row
+    # open, no jobs here to close it): they would count as processing for ever. Closed with no
+    # duration, which leaves the average processing time as it was.
+    """
+    UPDATE stats SET end_time = start_time
+      WHERE end_time IS NULL AND image_id IN (
+        SELECT i.image_id FROM images i
+          WHERE i.metadata_sha256 IS NULL
+             OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.sha256 = i.metadata_sha256));
+    """,
 )
-
-
-@dataclass(frozen=True)
-class Job:
-    sha256: str
-    kind: str
-    attempts: int
-
-
-@dataclass(frozen=True)
-class Deleted:
-    image_path: str | None
-    sha256: str | None
-    last_reference: bool
-
-
-class NotWritable(RuntimeError):
-    """The database can be read but not written (a read-only file, folder or mount)."""
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -295,58 +306,42 @@ class SqliteStore:
 
     # -- uploads ----------------------------------------------------------------------------
 
-    async def record_success(
-        self,
-        *,
-        image_id: str,
-        original_name: str,
-        processed_at: str,
-        image_path: str,
-        start_time: str,
-        sha256: str,
-        width: int,
-        height: int,
-        fmt: str,
-        size_bytes: int,
-        kinds: dict[str, tuple[str, str | None]],
-    ) -> bool:
+    async def record_success(self, upload: NewUpload) -> bool:
         """Metadata (first upload of these bytes wins), images, stats and jobs rows at once.
-
-        `kinds` maps each job kind to its first state and a note ("queued", or "skipped" with why).
-        Returns True when jobs must be dispatched (at least one is still queued for this sha256).
-        """
+        Returns True when jobs must be dispatched (one is still queued for this sha256)."""
+        u = upload
 
         def txn(conn: sqlite3.Connection) -> bool:
             conn.execute(
                 "INSERT INTO metadata (sha256, width, height, format, size_bytes, first_upload)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                (sha256, width, height, fmt, size_bytes, processed_at),
+                (u.sha256, u.width, u.height, u.format, u.size_bytes, u.processed_at),
             )
             conn.execute(
                 "INSERT INTO images (image_id, original_name, processed_at, image_path,"
                 " metadata_sha256, error) VALUES (?, ?, ?, ?, ?, NULL)",
-                (image_id, original_name, processed_at, image_path, sha256),
+                (u.image_id, u.original_name, u.processed_at, u.original_key, u.sha256),
             )
             conn.executemany(
                 "INSERT INTO jobs (sha256, kind, state, error, created_at, updated_at, finished_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256, kind) DO NOTHING",
                 [
                     (
-                        sha256,
+                        u.sha256,
                         kind,
                         state,
                         note,
-                        processed_at,
-                        processed_at,
-                        processed_at if state in FINISHED else None,
+                        u.processed_at,
+                        u.processed_at,
+                        u.processed_at if state in FINISHED else None,
                     )
-                    for kind, (state, note) in kinds.items()
+                    for kind, (state, note) in u.jobs.items()
                 ],
             )
-            pending = _pending_jobs(conn, sha256)
+            pending = _pending_jobs(conn, u.sha256)
             conn.execute(
                 "INSERT INTO stats (image_id, start_time, end_time, status) VALUES (?, ?, ?, 1)",
-                (image_id, start_time, None if pending else now_iso()),
+                (u.image_id, u.start_time, None if pending else now_iso()),
             )
             return pending > 0
 
@@ -368,11 +363,12 @@ class SqliteStore:
 
         await self.write(txn)
 
-    async def known_sha256(self, sha256: str) -> sqlite3.Row | None:
+    async def known_image(self, sha256: str) -> KnownImage | None:
         """The stored metadata of these bytes when an earlier upload of them succeeded."""
-        return await self._fetchone(
+        row = await self._fetchone(
             "SELECT sha256, width, height, format FROM metadata WHERE sha256 = ?", (sha256,)
         )
+        return KnownImage(*row) if row else None
 
     # -- reading records --------------------------------------------------------------------
 
@@ -383,41 +379,35 @@ class SqliteStore:
         rows = await self._fetchall(sql, params)
         return rows[0] if rows else None
 
-    async def get_record(self, image_id: str) -> sqlite3.Row | None:
-        return await self._fetchone(_RECORD_SELECT + " WHERE i.image_id = ?", (image_id,))
-
-    async def list_records(
-        self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
-    ) -> list[sqlite3.Row]:
-        """Newest first; `before` is the (processed_at, image_id) of the last row already seen."""
-        return await self._fetchall(*_page_query(limit, before, status))
+    async def get_record(self, image_id: str) -> Record | None:
+        row = await self._fetchone(_RECORD_SELECT + " WHERE i.image_id = ?", (image_id,))
+        return Record(*row) if row else None
 
     # A record and its job states are read in one snapshot: read apart, a job could show "done"
     # while its result (EXIF, caption) still read as missing.
 
-    async def record_with_jobs(
-        self, image_id: str
-    ) -> tuple[sqlite3.Row | None, dict[str, sqlite3.Row]]:
-        def snapshot(conn: sqlite3.Connection) -> tuple[sqlite3.Row | None, dict]:
+    async def record_with_jobs(self, image_id: str) -> tuple[Record | None, dict[str, JobState]]:
+        def snapshot(conn: sqlite3.Connection) -> tuple[Record | None, dict[str, JobState]]:
             row = conn.execute(_RECORD_SELECT + " WHERE i.image_id = ?", (image_id,)).fetchone()
             if row is None:
                 return None, {}
-            jobs = _jobs_of(conn, [row["sha256"]] if row["sha256"] else [])
-            return row, jobs.get(row["sha256"], {})
+            record = Record(*row)
+            jobs = _jobs_of(conn, [record.sha256] if record.sha256 else [])
+            return record, jobs.get(record.sha256 or "", {})
 
         return await self.read(snapshot)
 
     async def page_with_jobs(
         self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
-    ) -> tuple[list[sqlite3.Row], dict[str, dict[str, sqlite3.Row]]]:
-        def snapshot(conn: sqlite3.Connection) -> tuple[list[sqlite3.Row], dict]:
-            rows = conn.execute(*_page_query(limit, before, status)).fetchall()
-            return rows, _jobs_of(conn, [r["sha256"] for r in rows if r["sha256"]])
+    ) -> tuple[list[Record], JobsByImage]:
+        def snapshot(conn: sqlite3.Connection) -> tuple[list[Record], JobsByImage]:
+            records = [Record(*r) for r in conn.execute(*_page_query(limit, before, status))]
+            return records, _jobs_of(conn, [r.sha256 for r in records if r.sha256])
 
         return await self.read(snapshot)
 
-    async def stats(self) -> dict[str, Any]:
-        def snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
+    async def stats(self) -> Stats:
+        def snapshot(conn: sqlite3.Connection) -> Stats:
             row = conn.execute(
                 "SELECT count(*) AS total,"
                 " coalesce(sum(status = 0), 0) AS failed,"
@@ -427,13 +417,13 @@ class SqliteStore:
                 " FROM stats"
             ).fetchone()
             jobs = conn.execute("SELECT state, count(*) AS n FROM jobs GROUP BY state").fetchall()
-            return {
-                "total": row["total"],
-                "failed": row["failed"],
-                "processing": row["processing"],
-                "average_processing_time_seconds": row["avg_s"],
-                "jobs": {r["state"]: r["n"] for r in jobs},
-            }
+            return Stats(
+                total=row["total"],
+                failed=row["failed"],
+                processing=row["processing"],
+                average_processing_time_seconds=row["avg_s"],
+                jobs={r["state"]: r["n"] for r in jobs},
+            )
 
         return await self.read(snapshot)
 
@@ -448,7 +438,7 @@ class SqliteStore:
             ).fetchone()
             if row is None:
                 return None
-            image_path, sha256 = row
+            original_key, sha256 = row
             conn.execute("DELETE FROM stats WHERE image_id = ?", (image_id,))
             conn.execute("DELETE FROM images WHERE image_id = ?", (image_id,))
             last = False
@@ -460,19 +450,25 @@ class SqliteStore:
                     last = True
                     conn.execute("DELETE FROM jobs WHERE sha256 = ?", (sha256,))
                     conn.execute("DELETE FROM metadata WHERE sha256 = ?", (sha256,))
-            return Deleted(image_path, sha256, last)
+            return Deleted(original_key, sha256, last)
 
         return await self.write(txn)
 
-    async def image_ids_with_files(self) -> set[str]:
-        rows = await self._fetchall("SELECT image_id FROM images WHERE image_path IS NOT NULL")
+    async def original_keys(self) -> set[str]:
+        rows = await self._fetchall("SELECT image_path FROM images WHERE image_path IS NOT NULL")
         return {r[0] for r in rows}
 
-    async def has_sha256(self, sha256: str) -> bool:
-        """Whether any image still refers to these bytes (their derivatives may stay)."""
-        return (
-            await self._fetchone("SELECT 1 FROM metadata WHERE sha256 = ?", (sha256,)) is not None
-        )
+    async def known_sha256s(self, sha256s: Iterable[str]) -> set[str]:
+        wanted = list(dict.fromkeys(sha256s))
+        found: set[str] = set()
+        # In slices: SQLite caps the number of host parameters of one statement.
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            rows = await self._fetchall(
+                f"SELECT sha256 FROM metadata WHERE sha256 IN ({','.join('?' * len(part))})", part
+            )
+            found.update(r[0] for r in rows)
+        return found
 
     async def original_of(self, sha256: str) -> str | None:
         """Any stored original of these bytes (every copy holds the same bytes)."""
@@ -639,12 +635,12 @@ class SqliteStore:
 
         return await self.write(txn)
 
-    async def job_state(self, sha256: str, kind: str) -> sqlite3.Row | None:
-        return await self._fetchone(
-            "SELECT state, attempts, error, runner, lease_until FROM jobs"
-            " WHERE sha256 = ? AND kind = ?",
+    async def job_state(self, sha256: str, kind: str) -> JobState | None:
+        row = await self._fetchone(
+            "SELECT kind, state, attempts, error, runner FROM jobs WHERE sha256 = ? AND kind = ?",
             (sha256, kind),
         )
+        return JobState(*row) if row else None
 
     async def set_exif(self, sha256: str, exif_json: str) -> None:
         await self.write(
@@ -661,6 +657,7 @@ class SqliteStore:
         )
 
 
+# Its columns in the order of Record's fields.
 _RECORD_SELECT = (
     "SELECT i.image_id, i.original_name, i.processed_at, i.error, i.image_path,"
     " i.metadata_sha256 AS sha256,"
@@ -689,18 +686,18 @@ def _page_query(
     return sql, params
 
 
-def _jobs_of(conn: sqlite3.Connection, sha256s: Iterable[str]) -> dict[str, dict[str, sqlite3.Row]]:
+def _jobs_of(conn: sqlite3.Connection, sha256s: Iterable[str]) -> JobsByImage:
     unique = sorted(set(sha256s))
     if not unique:
         return {}
     marks = ",".join("?" * len(unique))
     rows = conn.execute(
-        f"SELECT sha256, kind, state, attempts, error FROM jobs WHERE sha256 IN ({marks})",
+        f"SELECT sha256, kind, state, attempts, error, runner FROM jobs WHERE sha256 IN ({marks})",
         unique,
     ).fetchall()
-    out: dict[str, dict[str, sqlite3.Row]] = {}
-    for row in rows:
-        out.setdefault(row["sha256"], {})[row["kind"]] = row
+    out: JobsByImage = {}
+    for sha256, kind, state, attempts, error, runner in rows:
+        out.setdefault(sha256, {})[kind] = JobState(kind, state, attempts, error, runner)
     return out
 
 

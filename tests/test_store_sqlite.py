@@ -1,5 +1,6 @@
-"""The SQLite store on real files: migrations, pragmas, the seed schema, query plans, job claims
-and leases, closing, and transactions under concurrency and cancellation."""
+"""What only the SQLite store has, on real files: migrations, pragmas, the seed schema, query
+plans, closing, transactions under concurrency, and a read-only file. What every store does (jobs,
+leases, deleting, listing) is in test_store_contract.py; cancellations in test_store_cancel.py."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import asyncio
 import contextlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from imgapi_core import store as store_mod
-from imgapi_core.store import Store, now_iso
+from imgapi_core.store import JOB_KINDS, NewUpload, NotWritable, now_iso
 from imgapi_core.store import sqlite as sqlite_store
+from imgapi_core.store.sqlite import SqliteStore as Store
 
 SHA = "a" * 64
 SHA2 = "b" * 64
+SHA3 = "c" * 64
 RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 
 # The seed's schema, as its README gives it: what an existing deployment's database holds.
@@ -85,21 +87,23 @@ async def add_image(
     image_id: str,
     sha256: str = SHA,
     processed_at: str | None = None,
-    kinds: dict[str, tuple[str, str | None]] | None = None,
+    jobs: Mapping[str, tuple[str, str | None]] | None = None,
 ) -> bool:
     stamp = processed_at or now_iso()
     return await s.record_success(
-        image_id=image_id,
-        original_name=f"{image_id}.jpg",
-        processed_at=stamp,
-        image_path=f"/nowhere/{image_id}.jpg",
-        start_time=stamp,
-        sha256=sha256,
-        width=4,
-        height=3,
-        fmt="jpeg",
-        size_bytes=100,
-        kinds=kinds or dict.fromkeys(store_mod.JOB_KINDS, ("queued", None)),
+        NewUpload(
+            image_id=image_id,
+            original_name=f"{image_id}.jpg",
+            processed_at=stamp,
+            start_time=stamp,
+            original_key=f"originals/{image_id}.jpg",
+            sha256=sha256,
+            width=4,
+            height=3,
+            format="jpeg",
+            size_bytes=100,
+            jobs=dict.fromkeys(JOB_KINDS, ("queued", None)) if jobs is None else jobs,
+        )
     )
 
 
@@ -113,7 +117,7 @@ async def test_migrations_are_recorded_and_idempotent(db_path):
     assert [v for v, _ in first] == list(range(1, len(sqlite_store.MIGRATIONS) + 1))
     assert all(RFC3339_UTC.fullmatch(at) for _, at in first)
     async with opened(db_path) as s:  # a second start: nothing applied twice, nothing lost
-        assert (await s.get_record("one"))["original_name"] == "one.jpg"
+        assert (await s.get_record("one")).original_name == "one.jpg"
     assert rows(db_path, "SELECT version, applied_at FROM schema_migrations ORDER BY version") == (
         first
     )
@@ -178,26 +182,71 @@ async def test_seed_schema_database_upgrades_in_place(db_path):
             " ('img789', 'file.xlsx', 'invalid file format')"
         )
         conn.execute("INSERT INTO stats (image_id, end_time, status) VALUES ('img789', NULL, 0)")
+        # An absolute server path (a process started elsewhere), and a row that already holds a
+        # storage key.
+        conn.execute(
+            "INSERT INTO metadata (sha256, width, height, format, size_bytes)"
+            " VALUES (?, 10, 20, 'png', 300)",
+            (SHA3,),
+        )
+        conn.execute(
+            "INSERT INTO images (image_id, original_name, image_path, metadata_sha256)"
+            " VALUES ('abc', 'abc.png', '/srv/x/media/originals/abc.png', ?)",
+            (SHA3,),
+        )
+        conn.execute(
+            "INSERT INTO images (image_id, original_name, image_path, metadata_sha256)"
+            " VALUES ('keyed', 'k.png', 'originals/keyed.png', ?)",
+            (SHA3,),
+        )
         conn.commit()
 
     async with opened(db_path) as s:
         old = await s.get_record("img123")
         assert old is not None
-        assert (old["original_name"], old["width"], old["height"], old["format"]) == (
+        assert (old.original_name, old.width, old.height, old.format, old.size_bytes) == (
             "photo.jpg",
             1920,
             1080,
             "jpeg",
+            2048576,
         )
-        assert old["caption"] == "a cat" and old["exif_json"] == '{"Make": "Seed"}'
+        assert old.caption == "a cat" and old.exif_json == '{"Make": "Seed"}'
         failed = await s.get_record("img789")
-        assert failed["error"] == "invalid file format"
-        # New rows go in next to the old ones, with jobs, and the list reads both.
+        assert failed is not None and failed.error == "invalid file format"
+        assert failed.original_key is None and failed.sha256 is None
+        # Server paths, relative or absolute, became storage keys; a key stayed as it was.
+        assert old.original_key == "originals/img123.jpg"
+        assert (await s.get_record("abc")).original_key == "originals/abc.png"
+        assert (await s.get_record("keyed")).original_key == "originals/keyed.png"
+        assert await s.original_of(SHA) == "originals/img123.jpg"
+        assert await s.original_keys() == {
+            "originals/img123.jpg",
+            "originals/abc.png",
+            "originals/keyed.png",
+        }
+        # Seed rows have no jobs; new rows go in next to the old ones, with jobs, and the list
+        # reads both.
+        assert await s.record_with_jobs("img123") == (old, {})
         await add_image(s, "new", sha256=SHA2)
-        listed = [r["image_id"] for r in await s.list_records(limit=10)]
-        assert listed[0] == "new" and set(listed) == {"new", "img123", "img789"}
+        listed, jobs = await s.page_with_jobs(limit=10)
+        ids = [r.image_id for r in listed]
+        assert ids[0] == "new" and set(ids) == {"new", "img123", "img789", "abc", "keyed"}
+        assert set(jobs) == {SHA2}
+        assert await s.known_sha256s([SHA, SHA2, SHA3]) == {SHA, SHA2, SHA3}
         stats = await s.stats()
-        assert (stats["total"], stats["failed"]) == (3, 1)
+        assert (stats.total, stats.failed) == (3, 1)  # the seed gave abc and keyed no stats rows
+        # The seed never finished img123 (its stats row was open) and left nothing that would:
+        # closed by the upgrade, it does not count as processing for ever. "new" still does.
+        assert stats.processing == 1
+    raw = dict(rows(db_path, "SELECT image_id, image_path FROM images"))
+    assert raw == {
+        "img123": "originals/img123.jpg",
+        "img789": None,
+        "abc": "originals/abc.png",
+        "keyed": "originals/keyed.png",
+        "new": "originals/new.jpg",
+    }
     versions = rows(db_path, "SELECT version FROM schema_migrations ORDER BY version")
     assert [v for (v,) in versions] == list(range(1, len(sqlite_store.MIGRATIONS) + 1))
     indexes = {r[0] for r in rows(db_path, "SELECT name FROM sqlite_master WHERE type='index'")}
@@ -234,7 +283,7 @@ def captured_sql(monkeypatch) -> list[tuple[str, tuple]]:
     return seen
 
 
-async def test_list_records_reads_through_an_index(store, db_path, captured_sql):
+async def test_the_page_query_reads_through_an_index(captured_sql, store, db_path):
     for i in range(30):
         await add_image(store, f"img{i:03d}", sha256=f"{i:064x}")
     calls = [
@@ -245,9 +294,16 @@ async def test_list_records_reads_through_an_index(store, db_path, captured_sql)
         {"before": ("2026-01-01T00:00:00.000Z", "img010"), "status": "success"},
         {"before": ("2026-01-01T00:00:00.000Z", "img010"), "status": "failed"},
     ]
+    # A filtered page reads the partial index of its status: through images_newest it would step
+    # over every row of the other status (most rows, for "failed").
+    index_of = {
+        None: "images_newest",
+        "success": "images_ok_newest",
+        "failed": "images_failed_newest",
+    }
     for kwargs in calls:
         captured_sql.clear()
-        await store.list_records(limit=11, **kwargs)
+        await store.page_with_jobs(limit=11, **kwargs)
         listing = [(sql, p) for sql, p in captured_sql if "FROM images" in sql]
         assert len(listing) == 1, captured_sql
         sql, params = listing[0]
@@ -255,74 +311,21 @@ async def test_list_records_reads_through_an_index(store, db_path, captured_sql)
         assert not any(re.fullmatch(r"SCAN i\b(?!.*INDEX).*", step) for step in plan), plan
         assert not any("TEMP B-TREE" in step for step in plan), (kwargs, plan)
         assert any("INDEX" in step and step.split()[1] == "i" for step in plan), plan
-
-
-# -- jobs: claims and leases --------------------------------------------------------------------
-
-
-async def test_claim_job_is_exclusive_between_two_runners(db_path):
-    async with opened(db_path) as a, opened(db_path) as b:
-        for i in range(5):
-            await add_image(a, f"img{i}", sha256=f"{i:064x}")
-        for i in range(5):
-            won = await asyncio.gather(
-                a.claim_job(f"{i:064x}", "thumbnail", "runner-a", 30),
-                b.claim_job(f"{i:064x}", "thumbnail", "runner-b", 30),
-                a.claim_job(f"{i:064x}", "thumbnail", "runner-c", 30),
-            )
-            winners = [job for job in won if job is not None]
-            assert len(winners) == 1, won
-            assert winners[0].attempts == 1
-            state = await a.job_state(f"{i:064x}", "thumbnail")
-            assert state["state"] == "running"
-            assert state["runner"] in {"runner-a", "runner-b", "runner-c"}
-
-
-async def test_a_lapsed_lease_can_be_claimed_by_another_runner(store):
-    await add_image(store, "img")
-    first = await store.claim_job(SHA, "exif", "runner-a", lease_s=0.05)
-    assert first is not None and first.attempts == 1
-    assert await store.claim_job(SHA, "exif", "runner-b", lease_s=30) is None  # still held
-    await asyncio.sleep(0.1)
-    # Lapsed, it is not taken directly: the sweep puts it back (counted, with a backoff) first.
-    assert await store.claim_job(SHA, "exif", "runner-b", lease_s=30) is None
-    assert await store.release_lapsed(3, lambda attempts: 0) == [store_mod.Job(SHA, "exif", 1)]
-    second = await store.claim_job(SHA, "exif", "runner-b", lease_s=30)
-    assert second is not None and second.attempts == 2
-    assert (await store.job_state(SHA, "exif"))["runner"] == "runner-b"
-    # The runner that lost the job cannot finish it, retry it or renew it.
-    assert await store.finish_job(SHA, "exif", "runner-a", "done") is False
-    assert await store.retry_job(SHA, "exif", "runner-a", "boom", 0) is False
-    assert await store.renew_leases("runner-a", [(SHA, "exif")], 30) == 0
-    assert (await store.job_state(SHA, "exif"))["state"] == "running"
-    assert await store.finish_job(SHA, "exif", "runner-b", "done") is True
-    final = await store.job_state(SHA, "exif")
-    assert final["state"] == "done" and final["runner"] is None
-
-
-async def test_renewed_lease_keeps_the_job(store):
-    await add_image(store, "img")
-    assert await store.claim_job(SHA, "thumbnail", "runner-a", lease_s=0.2) is not None
-    for _ in range(3):
-        await asyncio.sleep(0.1)
-        assert await store.renew_leases("runner-a", [(SHA, "thumbnail")], 0.2) == 1
-    assert await store.claim_job(SHA, "thumbnail", "runner-b", lease_s=30) is None
-    assert await store.release_lapsed(3, lambda attempts: 0) == []
-
-
-async def test_stats_row_closes_when_the_last_job_finishes(store, db_path):
-    await add_image(store, "one")
-    await add_image(store, "two")  # same bytes: shares the jobs
-    assert rows(db_path, "SELECT count(*) FROM jobs") == [(3,)]
-    open_rows = "SELECT count(*) FROM stats WHERE end_time IS NULL"
-    for kind in ("thumbnail", "exif"):
-        assert await store.claim_job(SHA, kind, "r", 30) is not None
-        assert await store.finish_job(SHA, kind, "r", "done")
-        assert rows(db_path, open_rows) == [(2,)]
-    assert await store.claim_job(SHA, "caption", "r", 30) is not None
-    assert await store.finish_job(SHA, "caption", "r", "failed", "no model")
-    assert rows(db_path, open_rows) == [(0,)]
-    assert (await store.job_state(SHA, "caption"))["error"] == "no model"
+        used = [
+            m.group(1)
+            for step in plan
+            if (m := re.match(r"(?:SCAN|SEARCH) i .*?INDEX (\w+)", step))
+        ]
+        assert used == [index_of[kwargs.get("status")]], (kwargs, plan)
+    # The page's jobs are read by key, not by scanning the jobs table.
+    captured_sql.clear()
+    page, jobs = await store.page_with_jobs(limit=11)
+    assert len(page) == 11 and len(jobs) == 11
+    job_reads = [(sql, p) for sql, p in captured_sql if "FROM jobs" in sql]
+    assert len(job_reads) == 1, captured_sql
+    sql, params = job_reads[0]
+    plan = [r[3] for r in rows(db_path, "EXPLAIN QUERY PLAN " + sql, *params)]
+    assert all(step.startswith("SEARCH jobs USING") for step in plan), plan
 
 
 # -- closing and concurrency --------------------------------------------------------------------
@@ -370,20 +373,7 @@ async def test_failed_transaction_rolls_back_and_frees_the_writer(store, db_path
     assert await add_image(store, "after") is True
 
 
-async def test_delete_image_drops_shared_rows_with_the_last_reference(store, db_path):
-    await add_image(store, "one")
-    await add_image(store, "two")
-    first = await store.delete_image("one")
-    assert first is not None and first.sha256 == SHA and first.last_reference is False
-    assert rows(db_path, "SELECT count(*) FROM metadata") == [(1,)]
-    last = await store.delete_image("two")
-    assert last is not None and last.last_reference is True
-    for table in ("metadata", "jobs", "images", "stats"):
-        assert rows(db_path, f"SELECT count(*) FROM {table}") == [(0,)], table
-    assert await store.delete_image("two") is None
-
-
-# -- migrations, skipped kinds, lapsed leases, writability -------------------------------------
+# -- migration scripts, writability -------------------------------------------------------------
 
 
 def test_migration_scripts_split_where_sqlite_says_a_statement_ends():
@@ -416,56 +406,6 @@ async def test_a_migration_with_a_trigger_applies(db_path, monkeypatch):
     assert rows(db_path, "SELECT note FROM audit") == [("added; one",)]
 
 
-async def test_turning_a_kind_off_skips_every_queued_job_of_it_at_once(store, db_path):
-    for i in range(3):
-        await add_image(store, f"img{i}", sha256=f"{i:064x}")
-    # One caption job in backoff (failed once, due in an hour), one running elsewhere.
-    assert await store.claim_job(f"{0:064x}", "caption", "r", 30)
-    assert await store.retry_job(f"{0:064x}", "caption", "r", "boom", 3600)
-    assert await store.claim_job(f"{1:064x}", "caption", "r", 30)
-    for kind in ("thumbnail", "exif"):
-        for i in range(3):
-            assert await store.claim_job(f"{i:064x}", kind, "r", 30)
-            assert await store.finish_job(f"{i:064x}", kind, "r", "done")
-    assert await store.skip_queued("caption", "captions off") == 2
-    states = dict(rows(db_path, "SELECT sha256, state FROM jobs WHERE kind = 'caption'"))
-    assert states == {f"{0:064x}": "skipped", f"{1:064x}": "running", f"{2:064x}": "skipped"}
-    open_stats = rows(db_path, "SELECT image_id FROM stats WHERE end_time IS NULL")
-    assert open_stats == [("img1",)]  # its caption job is still running
-
-
-async def test_a_job_whose_runner_keeps_dying_fails_after_its_attempts(store, db_path):
-    """An OOM kill or a decoder crash every time: handed out again with a backoff, then failed
-    once JOB_MAX_ATTEMPTS is used up, instead of for ever."""
-    await add_image(store, "img")
-    delays: list[int] = []
-
-    def backoff(attempts: int) -> float:
-        delays.append(attempts)
-        return 0
-
-    for attempt in (1, 2):
-        job = await store.claim_job(SHA, "thumbnail", f"doomed-{attempt}", lease_s=0.01)
-        assert job is not None and job.attempts == attempt
-        await asyncio.sleep(0.05)  # the runner died: its lease lapses
-        released = await store.release_lapsed(2, backoff)
-        assert released == ([store_mod.Job(SHA, "thumbnail", 1)] if attempt == 1 else [])
-    assert delays == [1]
-    state = await store.job_state(SHA, "thumbnail")
-    assert state["state"] == "failed"
-    assert state["error"] == "the runner died 2 times on this job (gave up after 2 attempts)"
-    assert await store.claim_job(SHA, "thumbnail", "next", 30) is None
-
-
-async def test_a_lapsed_job_backs_off_before_it_is_due_again(store):
-    await add_image(store, "img")
-    assert await store.claim_job(SHA, "exif", "doomed", lease_s=0.01)
-    await asyncio.sleep(0.05)
-    assert len(await store.release_lapsed(5, lambda attempts: 3600)) == 1
-    assert await store.due_jobs(10) == [j for j in await store.due_jobs(10) if j.kind != "exif"]
-    assert await store.claim_job(SHA, "exif", "next", 30) is None
-
-
 @contextlib.contextmanager
 def immutable(path: Path) -> Iterator[None]:
     """The file cannot be written, even by root (tests run as root in CI): chattr +i."""
@@ -486,7 +426,7 @@ async def test_a_read_only_database_is_refused_at_open(db_path):
     async with opened(db_path) as s:
         await add_image(s, "one")
     store = Store(db_path)
-    with immutable(db_path), pytest.raises(store_mod.NotWritable, match="read-only"):
+    with immutable(db_path), pytest.raises(NotWritable, match="read-only"):
         await store.open()
     assert store._writer is None and store._connections == []  # nothing left open
     async with opened(db_path) as s:  # writable again: opens, and the data is there
