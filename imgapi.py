@@ -2,6 +2,7 @@
 
 python imgapi.py [--host 127.0.0.1] [--port 8000] [--workers N]
 python imgapi.py --check [--host 127.0.0.1] [--port 8000]
+python imgapi.py keys create NAME [--scopes read,upload] | keys list | keys revoke NAME
 sanic imgapi:create_app --factory
 """
 
@@ -31,6 +32,11 @@ SANIC_START_FAILURE = "Experienced exception while trying to serve"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        from imgapi_core.access import cli
+
+        return cli.main(argv[1:])
     parser = argparse.ArgumentParser(description="imgapi: image upload and processing service")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

@@ -64,7 +64,7 @@ CAPTIONS = (
 
 def sample_photos() -> list[dict[str, Any]]:
     """Camera photos of the corpus with what the upload and the EXIF job store for each."""
-    import imaging
+    from imgapi_core import imaging
 
     out = []
     for row in common.manifest("photos"):
@@ -131,7 +131,7 @@ def seed(db_path: Path, media: Path, count: int, photos: list[dict[str, Any]]) -
             done = iso(processed + timedelta(milliseconds=rng.randint(300, 3000)))
             for kind in JOB_KINDS:
                 jobs.append((sha, kind, "done", 1, None, at, done, at, done, 0, None, None))
-        path = str(media / "originals" / f"{image_id}.jpg")
+        path = f"originals/{image_id}.jpg"  # a storage key
         images.append((image_id, photo["name"], at, path, sha, None))
         end = iso(processed + timedelta(milliseconds=rng.randint(300, 3000)))
         stats.append((image_id, began, end, 1))

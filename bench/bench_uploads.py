@@ -149,9 +149,9 @@ async def load(
     return results, time.perf_counter() - started
 
 
-def http_client(concurrency: int) -> httpx.AsyncClient:
+def http_client(concurrency: int, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0))
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0), headers=headers)
 
 
 async def stats(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
@@ -175,16 +175,31 @@ async def wait_for_jobs(client: httpx.AsyncClient, url: str, within: float) -> f
 
 
 @contextlib.contextmanager
-def api_server(workroot: Path | None, label: str, workers: int, **env: str) -> Iterator[procs.Proc]:
-    """`python imgapi.py` on a fresh database and media folder, removed afterwards."""
+def api_server(
+    workroot: Path | None,
+    label: str,
+    workers: int,
+    headers: dict[str, str] | None = None,
+    **env: str,
+) -> Iterator[procs.Proc]:
+    """`python imgapi.py` on a fresh database and media folder, removed afterwards. With AUTH=keys
+    an admin key is made first and `headers` gets its Authorization header."""
     workdir = Path(tempfile.mkdtemp(prefix=f"imgapi-bench-{label}-", dir=workroot))
     with contextlib.ExitStack() as stack:
         if env.get("WORKER") == "off" and not env.get("REDIS_URL"):
             # WORKER=off needs a queue: a private Redis that no worker reads.
             env["REDIS_URL"] = stack.enter_context(procs.redis_server(workdir / "redis")).url
-        proc = procs.start_api(
-            common.service_settings(workdir, **env), workdir / "api.log", workers=workers
-        )
+        settings_env = common.service_settings(workdir, **env)
+        if env.get("AUTH") == "keys":
+            made = procs.run_command(
+                [sys.executable, "imgapi.py", "keys", "create", "bench", "--scopes", "admin"],
+                settings_env,
+                procs.REPO,
+            )
+            made.check_returncode()
+            if headers is not None:
+                headers["Authorization"] = f"Bearer {made.stdout.splitlines()[-1]}"
+        proc = procs.start_api(settings_env, workdir / "api.log", workers=workers)
         try:
             yield proc
         finally:
@@ -221,16 +236,17 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
 
 
 async def run_load(
-    args: argparse.Namespace, workers: int, worker_mode: str, slow_ms: int
+    args: argparse.Namespace, workers: int, worker_mode: str, slow_ms: int, auth: str = "open"
 ) -> dict[str, Any]:
     bodies = [Body.of(p.name, p.read_bytes()) for p in common.largest_photos(4)]
     numbers = itertools.count()
-    label = f"{worker_mode}-w{workers}" + ("-slow" if slow_ms else "")
-    env = {"WORKER": worker_mode, "SLOW_CALLBACK_MS": str(slow_ms)}
-    with api_server(args.workdir, label, workers, **env) as proc:
+    label = f"{worker_mode}-w{workers}" + ("-slow" if slow_ms else "") + f"-{auth}"
+    env = {"WORKER": worker_mode, "SLOW_CALLBACK_MS": str(slow_ms), "AUTH": auth}
+    headers: dict[str, str] = {}
+    with api_server(args.workdir, label, workers, headers, **env) as proc:
         url = proc.url + "/api/images"
         pids = common.group_pids(proc.pid)
-        async with http_client(args.concurrency) as client:
+        async with http_client(args.concurrency, headers) as client:
             warm, _ = await load(client, url, bodies, args.warmup, args.concurrency, numbers)
             offset = log_offset(proc)
             server_cpu = common.cpu_seconds(pids)
@@ -242,6 +258,7 @@ async def run_load(
             after = await stats(client, proc.url)
         out = {
             "config": label,
+            "auth": auth,
             "worker": worker_mode,
             "server_processes": workers,
             "concurrency": args.concurrency,
@@ -451,6 +468,21 @@ def goals(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 and r["errors"] == 0,
             )
         )
+    runs = report.get("throughput", [])
+    by_mode: dict[str, list[float]] = {}
+    for r in runs:
+        by_mode.setdefault(r["auth"], []).append(r["uploads_per_s"])
+    if {"open", "keys"} <= set(by_mode):
+        # Issue 10: checking a key (cached, no database round trip) costs under 5%.
+        open_rate = sum(by_mode["open"]) / len(by_mode["open"])
+        keys_rate = sum(by_mode["keys"]) / len(by_mode["keys"])
+        out.append(
+            (
+                "keys mode within 5% of open mode (mean uploads/s)",
+                f"keys {keys_rate:.1f}/s, open {open_rate:.1f}/s: {keys_rate / open_rate:.3f}x",
+                keys_rate >= 0.95 * open_rate,
+            )
+        )
     for r in report.get("slow_callbacks", []):
         s = r["slow_callbacks"]
         out.append(
@@ -496,7 +528,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[tuple[str, Callable[[], Any]]] = []
     for mode, workers in args.configs:
         if "throughput" in args.parts:
-            runs.append(("throughput", lambda m=mode, w=workers: run_load(args, w, m, 0)))
+            # Open and keys mode alternate, so that drift of a shared machine hits both alike.
+            for _ in range(args.rounds):
+                for auth in args.auth:
+                    runs.append(
+                        (
+                            "throughput",
+                            lambda m=mode, w=workers, a=auth: run_load(args, w, m, 0, a),
+                        )
+                    )
         if "slow" in args.parts:
             runs.append(
                 (
@@ -531,6 +571,12 @@ def main() -> None:
         default="throughput,slow,memory",
         help="any of throughput, slow, memory (comma-separated)",
     )
+    parser.add_argument(
+        "--auth",
+        default="open",
+        help="AUTH modes to measure (comma-separated: open,keys compares the cost of keys)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="throughput runs per config and mode")
     parser.add_argument("--rss-concurrency", type=int, default=16)
     parser.add_argument("--rss-rounds", type=int, default=2)
     parser.add_argument(
@@ -539,6 +585,9 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    args.auth = [a.strip() for a in args.auth.split(",") if a.strip()]
+    if set(args.auth) - {"open", "keys"}:
+        parser.error("--auth takes open and/or keys")
     unknown = args.parts - {"throughput", "slow", "memory"}
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from sanic import HTTPResponse, Request, Sanic
@@ -14,6 +15,7 @@ from sanic_ext import openapi
 
 from imgapi_core import openapi_spec, records
 from imgapi_core import settings as settings_mod
+from imgapi_core.access.guard import SIGNED_ROUTES, open_guard
 from imgapi_core.background import Jobs
 from imgapi_core.errors import ClientError
 from imgapi_core.housekeeping import sweep_at_start
@@ -52,6 +54,8 @@ async def open_resources(app: Sanic) -> None:
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="imgapi-cpu"
         )
         app.ctx.rendering = {}
+        host, unix = bind_address(app)
+        app.ctx.guard = await open_guard(app.ctx.store, cfg, host, unix)
         await sweep_at_start(app.ctx.store, app.ctx.media, cfg.tmp_dir)
         app.ctx.jobs = Jobs(cfg, app.ctx.store, app.ctx.media)
         await app.ctx.jobs.start()
@@ -79,13 +83,54 @@ async def close_resources(app: Sanic) -> None:
     jobs = getattr(app.ctx, "jobs", None)
     if jobs is not None:
         await jobs.close()
-    for name in ("store", "media"):
+    for name in ("guard", "store", "media"):
         resource = getattr(app.ctx, name, None)
         if resource is not None:
             await resource.close()
     cpu = getattr(app.ctx, "cpu", None)
     if cpu is not None:
         cpu.shutdown(wait=True, cancel_futures=True)
+
+
+def bind_address(app: Sanic) -> tuple[str | None, bool]:
+    """The address this server listens on, for AUTH=auto: (host, is a Unix socket). (None, False)
+    where it is not known (an ASGI server): the guard then requires keys."""
+    state = app.state
+    if state.unix:
+        return None, True
+    for info in state.server_info:
+        # With several server processes each gets the listening socket itself, not a host.
+        sock = info.settings.get("sock")
+        if sock is not None:
+            if sock.family == socket.AF_UNIX:
+                return None, True
+            return sock.getsockname()[0], False
+        if info.settings.get("unix"):
+            return None, True
+        host = info.settings.get("host")
+        if host:
+            return host, False
+    return state.host or None, False
+
+
+async def guard_request(request: Request) -> HTTPResponse | None:
+    guard = getattr(request.app.ctx, "guard", None)
+    if guard is None:  # before open_resources (cannot serve yet) or an app without resources
+        return None
+    return await guard.check(request)
+
+
+# Images are served as what they are, never sniffed into something else, and a browser opening one
+# directly runs nothing (an SVG or HTML polyglot would otherwise run as this origin).
+MEDIA_HEADERS = {"Content-Security-Policy": "default-src 'none'; sandbox"}
+
+
+async def security_headers(request: Request, response: HTTPResponse) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    route = request.route
+    if route is not None and route.name.split(".", 1)[-1] in SIGNED_ROUTES:
+        for name, value in MEDIA_HEADERS.items():
+            response.headers.setdefault(name, value)
 
 
 async def handle_error(request: Request, exc: Exception) -> HTTPResponse:
@@ -129,6 +174,10 @@ def create_app(settings: object = None, *, own_resources: bool = True) -> Sanic:
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.OAS_URL_PREFIX = "/docs"
+    # sanic-ext's CORS: no origin is allowed unless CORS_ORIGINS names it.
+    app.config.CORS_ORIGINS = ",".join(cfg.cors_origins)
+    app.config.CORS_ALLOW_HEADERS = "authorization,x-api-key,x-delete-token,content-type"
+    app.config.CORS_EXPOSE_HEADERS = "location,link,retry-after"
     app.ext.openapi.raw(openapi_spec.SPEC)
     for bp in BLUEPRINTS:
         # The document is written out in openapi_spec.py; sanic-ext's per-route guesses would
@@ -137,6 +186,8 @@ def create_app(settings: object = None, *, own_resources: bool = True) -> Sanic:
             openapi.exclude()(future.handler)
         app.blueprint(bp)
     app.error_handler.add(Exception, handle_error)
+    app.on_request(guard_request, priority=100)
+    app.on_response(security_headers)
     if own_resources:
         app.before_server_start(open_resources)
         app.before_server_stop(stop_uploads)

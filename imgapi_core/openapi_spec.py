@@ -92,6 +92,10 @@ SCHEMAS: dict[str, Any] = {
             "processed_at": {"type": "string", "description": "RFC 3339, UTC"},
             "metadata": {"$ref": "#/components/schemas/Metadata"},
             "thumbnails": {"$ref": "#/components/schemas/Thumbnails"},
+            "original": {
+                "type": "string",
+                "description": "absolute URL of the original (signed in keys mode)",
+            },
             "jobs": {"$ref": "#/components/schemas/Jobs"},
         },
     },
@@ -103,6 +107,10 @@ SCHEMAS: dict[str, Any] = {
             "data": {"$ref": "#/components/schemas/RecordData"},
             "thumbnails": {"$ref": "#/components/schemas/Thumbnails"},
             "error": _NULLABLE_STRING,
+            "delete_token": {
+                "type": "string",
+                "description": "upload answer only, shown once: DELETE with X-Delete-Token",
+            },
         },
     },
     "Error": {
@@ -331,6 +339,80 @@ PATHS: dict[str, Any] = {
 }
 
 
+# Who may call each operation in keys mode (AUTH=keys): the scope its route declares
+# (imgapi_core.access.scopes; a test holds the two together), or None for public.
+ACCESS: dict[str, str | None] = {
+    "upload": "upload",
+    "list_images": "read",
+    "get_image": "read",
+    "delete_image": "delete",
+    "get_thumbnail": "read",
+    "get_original": "read",
+    "stats": "read",
+    "healthz": None,
+}
+
+SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key: `python imgapi.py keys create NAME --scopes ...`",
+    },
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "deleteToken": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Delete-Token",
+        "description": "the delete_token of the upload's 201 answer: deletes that upload only",
+    },
+    "signedUrl": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "sig",
+        "description": "with exp: the signed URLs in records (thumbnails, original)",
+    },
+}
+
+
+def _with_access(paths: dict[str, Any]) -> dict[str, Any]:
+    """Per-operation security and the answers of the access rules (401, 403, 429)."""
+    out: dict[str, Any] = {}
+    for path, item in paths.items():
+        out[path] = {}
+        for method, op in item.items():
+            if method == "parameters":
+                out[path][method] = op
+                continue
+            scope = ACCESS[op["operationId"]]
+            if scope is None:
+                out[path][method] = {**op, "security": []}
+                continue
+            security: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+            if scope == "delete":
+                security.append({"deleteToken": []})
+            if op["operationId"] in ("get_thumbnail", "get_original"):
+                security.append({"signedUrl": []})
+            responses = {
+                **op["responses"],
+                "401": _error("no API key, or an unknown or revoked one (keys mode)"),
+                "403": _error(f"the key lacks the {scope!r} scope, or a bad signed URL or token"),
+            }
+            if scope == "upload":
+                responses["429"] = {
+                    **_error("over UPLOAD_RATE_LIMIT; nothing recorded"),
+                    "headers": {"Retry-After": _string_header("seconds")},
+                }
+            description = op.get("description", "")
+            note = f"Keys mode: needs the `{scope}` scope (or `admin`)."
+            out[path][method] = {
+                **op,
+                "security": security,
+                "responses": responses,
+                "description": f"{description}\n\n{note}".strip(),
+            }
+    return out
+
+
 def _inline_path_parameters(paths: dict[str, Any]) -> dict[str, Any]:
     """sanic-ext takes operations only: path-level parameters are copied into each operation."""
     out: dict[str, Any] = {}
@@ -350,6 +432,6 @@ SPEC: dict[str, Any] = {
         "version": "0.1.0",
         "description": "Image upload and processing: thumbnails, EXIF and captions.",
     },
-    "paths": _inline_path_parameters(PATHS),
-    "components": {"schemas": SCHEMAS},
+    "paths": _inline_path_parameters(_with_access(PATHS)),
+    "components": {"schemas": SCHEMAS, "securitySchemes": SECURITY_SCHEMES},
 }

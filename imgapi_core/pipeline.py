@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from imgapi_core import imaging, uploads
+from imgapi_core.access import tokens
 from imgapi_core.background import Jobs
 from imgapi_core.errors import ClientError
 from imgapi_core.media import Media, OutOfSpace, original_key
@@ -46,6 +47,7 @@ class Outcome:
     original_name: str
     processed_at: str
     error: ClientError | None = None
+    delete_token: str | None = None  # for the uploader only: not kept, only its hash is
 
 
 # Long enough for cancelled uploads to write their records; short enough not to hold a stop.
@@ -165,6 +167,7 @@ class Pipeline:
         # client leaves, as one task a cancellation cannot split. Cut in two, a commit could land
         # while the original it refers to was being removed, or a record of an interruption
         # could be written beside the record of the stored image.
+        delete_token = tokens.new_delete_token()
         upload = NewUpload(
             image_id=image_id,
             original_name=received.original_name,
@@ -177,8 +180,12 @@ class Pipeline:
             format=info.format,
             size_bytes=received.size,
             jobs=self.jobs.initial_states(),
+            delete_token_hash=tokens.hash_token(delete_token),
         )
-        return await self._finish_shielded(self._store_and_record(received, upload))
+        outcome = await self._finish_shielded(self._store_and_record(received, upload))
+        if outcome.error is None:
+            outcome = dataclasses.replace(outcome, delete_token=delete_token)
+        return outcome
 
     async def _finish_shielded(self, work: Awaitable[T], *, suppress: bool = False) -> T:
         """Runs `work` to its end whatever happens to the caller; drain() waits for it."""

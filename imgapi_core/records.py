@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -17,8 +17,12 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
-def thumbnail_urls(base_url: str, image_id: str) -> dict[str, str]:
-    return {size: f"{base_url}/api/images/{image_id}/thumbnails/{size}" for size in THUMB_SIZES}
+# Absolute URL of a path of this service (signed where access control asks for it).
+Url = Callable[[str], str]
+
+
+def thumbnail_urls(url: Url, image_id: str) -> dict[str, str]:
+    return {size: url(f"/api/images/{image_id}/thumbnails/{size}") for size in THUMB_SIZES}
 
 
 def job_states(jobs: Mapping[str, JobState]) -> dict[str, dict[str, Any]]:
@@ -34,7 +38,7 @@ def job_states(jobs: Mapping[str, JobState]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def record(rec: Record, jobs: Mapping[str, JobState], base_url: str) -> dict:
+def record(rec: Record, jobs: Mapping[str, JobState], url: Url) -> dict:
     """One upload as the API shows it: the upload answer's shape, for success and failure alike."""
     data: dict[str, Any] = {
         "image_id": rec.image_id,
@@ -56,8 +60,9 @@ def record(rec: Record, jobs: Mapping[str, JobState], base_url: str) -> dict:
         "exif": orjson.Fragment(exif) if exif else None,
         "caption": rec.caption,
     }
-    thumbs = thumbnail_urls(base_url, rec.image_id)
+    thumbs = thumbnail_urls(url, rec.image_id)
     data["thumbnails"] = thumbs
+    data["original"] = url(f"/api/images/{rec.image_id}/original")
     data["jobs"] = job_states(jobs)
     return {"status": "success", "data": data, "thumbnails": thumbs, "error": None}
 

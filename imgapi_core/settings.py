@@ -97,6 +97,37 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1 or 0")
+
+
+def _rate_limit(raw: str) -> str:
+    value = raw.strip().lower()
+    if value in ("", "0"):
+        return ""
+    # The limits library reads it when the service starts; parsed now so a typo stops start-up.
+    from limits import parse_many
+
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ValueError("must look like 120/minute (or 0: no limit)") from None
+    return value
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(f"{origin!r} is not an origin (https://host[:port]) or *")
+    return origins
+
+
 class Setting(NamedTuple):
     name: str
     default: str
@@ -196,6 +227,26 @@ class Settings:
         "diagnostics: log event-loop callbacks slower than this (asyncio debug mode; 0: off)",
     )
     log_level: str = setting("INFO", _choice("debug", "info", "warning", "error"), "log level")
+    auth: str = setting(
+        "auto",
+        _choice("auto", "open", "keys"),
+        "open: no keys; keys: API keys required; auto: open on a loopback address, else keys",
+    )
+    public_read: bool = setting("0", _flag, "keys mode: reads need no key (uploads, deletes do)")
+    url_secret: str = setting(
+        "", _text, "secret for signed image URLs (default: made once, kept in the database)"
+    )
+    signed_url_ttl: int = setting(
+        "3600", _positive_int, "seconds a signed thumbnail or original URL stays valid"
+    )
+    upload_rate_limit: str = setting(
+        "600/minute",
+        _rate_limit,
+        "uploads per key (open mode: per client address), e.g. 120/minute; 0: no limit",
+    )
+    cors_origins: tuple[str, ...] = setting(
+        "", _origins, "origins allowed to call the API from a browser, comma-separated"
+    )
 
     @property
     def tmp_dir(self) -> Path:

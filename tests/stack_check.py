@@ -31,6 +31,8 @@ T = TypeVar("T")
 API_URL = os.environ.get("IMGAPI_API_URL", "http://127.0.0.1:8000").rstrip("/")
 REDIS_URL = os.environ.get("IMGAPI_TEST_REDIS_URL", "")
 TIMEOUT_S = float(os.environ.get("STACK_CHECK_TIMEOUT", "120"))
+# The stack runs in keys mode (it listens on 0.0.0.0): the check uses an admin key.
+API_KEY = os.environ.get("IMGAPI_API_KEY", "")
 
 # The Eiffel Tower: 48°51'30.24"N 2°17'40.2"E.
 LATITUDE, LONGITUDE = 48.8584, 2.2945
@@ -213,6 +215,18 @@ def check_stats(client: httpx.Client) -> dict[str, Any]:
     return stats
 
 
+def check_refused_without_key(image_id: str) -> str:
+    with httpx.Client(base_url=API_URL, timeout=30) as anonymous:
+        for method, path in (("GET", f"/api/images/{image_id}"), ("GET", "/api/stats")):
+            response = anonymous.request(method, path)
+            expect(response.status_code == 401, f"{method} {path} without a key: {response}")
+            expect(
+                response.headers.get("www-authenticate", "").startswith("Bearer"),
+                "401 without WWW-Authenticate: Bearer",
+            )
+    return "401 with WWW-Authenticate"
+
+
 def delete(client: httpx.Client, image_ids: list[str]) -> list[str]:
     """The check's own records go again: it may run against a stack that holds real data."""
     for image_id in image_ids:
@@ -241,7 +255,8 @@ def main() -> int:
         return {kind: job.get("error", job["state"]) for kind, job in record["jobs"].items()}
 
     print(f"stack check against {API_URL}", flush=True)
-    with httpx.Client(base_url=API_URL, timeout=30) as client:
+    headers = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else {}
+    with httpx.Client(base_url=API_URL, timeout=30, headers=headers) as client:
         if step("api healthy", lambda: wait_for("GET /healthz", lambda: healthy(client))) is None:
             return 1
         if REDIS_URL:
@@ -265,6 +280,8 @@ def main() -> int:
         rejected_id = step("bad upload rejected with a JSON 4xx", lambda: check_rejected(client))
         created += [rejected_id] if rejected_id else []
         step("stats", lambda: check_stats(client))
+        if API_KEY:
+            step("no key: 401", lambda: check_refused_without_key(created[0] if created else "x"))
         step("delete the check's records", lambda: delete(client, created))
 
     if failures:

@@ -25,7 +25,15 @@ THUMB_BOXES = {"small": 256, "medium": 768}
 THUMB_CACHE = "public, max-age=31536000, immutable"
 RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 RECORD_KEYS = {"status", "data", "thumbnails", "error"}
-DATA_KEYS = {"image_id", "original_name", "processed_at", "metadata", "thumbnails", "jobs"}
+DATA_KEYS = {
+    "image_id",
+    "original_name",
+    "processed_at",
+    "metadata",
+    "thumbnails",
+    "original",
+    "jobs",
+}
 FAILED_DATA_KEYS = {"image_id", "original_name", "processed_at", "metadata", "thumbnails"}
 METADATA_KEYS = {
     "width",
@@ -114,9 +122,14 @@ async def upload(client, data: bytes, name: str = "photo.jpg", ctype: str = "ima
 
 
 async def upload_ok(client, data: bytes, name: str = "photo.jpg", ctype: str = "image/jpeg"):
+    """The upload's record, as GET /api/images/{id} gives it too: the one-time delete token of the
+    upload answer is checked and taken off."""
     res = await upload(client, data, name, ctype)
     assert res.status == 201, res.text
-    return res.json
+    body = dict(res.json)
+    token = body.pop("delete_token")
+    assert isinstance(token, str) and len(token) >= 40
+    return body
 
 
 def db_rows(cfg: settings_mod.Settings, sql: str, *params: Any) -> list[tuple]:
@@ -245,7 +258,9 @@ async def test_upload_success_answers_201_with_the_contract_record(client, cfg):
     _, res = await client.post("/api/images", files=multipart(data, "holiday.jpg"))
     assert res.status == 201, res.text
     assert res.headers["content-type"].startswith("application/json")
-    body = res.json
+    body = dict(res.json)
+    # Shown once, here: the record read later has no delete token.
+    assert isinstance(body.pop("delete_token"), str)
     # Nothing runs jobs with WORKER=off: they are exactly queued.
     assert_success_record(
         body, data=data, name="holiday.jpg", size=(64, 48), fmt="jpeg", job_states={"queued"}

@@ -95,6 +95,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "WORKER": "off",
             "ARQ_QUEUE": f"imgapi-test:{uuid.uuid4().hex}",
             "CAPTION_MODEL": "none",
+            "UPLOAD_RATE_LIMIT": "0",
             "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
             "UPLOAD_TIMEOUT": str(UPLOAD_TIMEOUT),
             "MAX_UPLOAD_BYTES": str(MAX_UPLOAD),

@@ -108,10 +108,7 @@ def original_path(cfg: Settings, image_id: str) -> Path:
 
 
 def thumbnail_files(cfg: Settings, sha256: str) -> dict[str, Path]:
-    return {
-        size: thumbnail_file(cfg, size, sha256)
-        for size in ("small", "medium")
-    }
+    return {size: thumbnail_file(cfg, size, sha256) for size in ("small", "medium")}
 
 
 # -- mode 1: jobs in the API process ----------------------------------------------------------

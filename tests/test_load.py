@@ -153,6 +153,7 @@ def api(tmp_path: Path) -> Iterator[tuple[Proc, dict[str, str]]]:
         "DB_PATH": str(tmp_path / "data" / "imgapi.db"),
         "MEDIA_DIR": str(tmp_path / "media"),
         "CAPTION_MODEL": "none",
+        "UPLOAD_RATE_LIMIT": "0",
         "MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
         "SWEEP_SECONDS": "0.5",
         "ARQ_QUEUE": f"imgapi-test:{uuid.uuid4().hex}",

@@ -10,6 +10,7 @@ schemathesis's Python API (operation.as_strategy + hypothesis), since its lazy p
 from __future__ import annotations
 
 import io
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
-from procs import Proc, settings_for, start_api
+from procs import REPO, Proc, run_command, settings_for, start_api
 from schemathesis import GenerationMode, checks
 
-from imgapi_core.openapi_spec import PATHS
+from imgapi_core.access.scopes import PUBLIC, access_of
+from imgapi_core.app import BLUEPRINTS
+from imgapi_core.openapi_spec import ACCESS, PATHS, SPEC
 
 pytestmark = [pytest.mark.slow]
 
@@ -67,10 +70,18 @@ CASES = [
 class Live:
     api: Proc
     root: Path
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
 
     def upload(self, data: bytes, name: str) -> str:
         res = httpx.post(
-            self.api.url + "/api/images", files={"file": (name, data, "image/jpeg")}, timeout=30
+            self.api.url + "/api/images",
+            files={"file": (name, data, "image/jpeg")},
+            headers=self.headers,
+            timeout=30,
         )
         assert res.status_code in (201, 400, 415), res.text
         return res.json()["data"]["image_id"]
@@ -79,10 +90,15 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("schema")
-    env = settings_for(root, MAX_UPLOAD_BYTES="1000000", REQUEST_TIMEOUT="5")
+    # Keys mode, as a deployment runs: the operations are driven with an admin key.
+    env = settings_for(root, MAX_UPLOAD_BYTES="1000000", REQUEST_TIMEOUT="5", AUTH="keys")
+    made = run_command(
+        [sys.executable, "imgapi.py", "keys", "create", "schema", "--scopes", "admin"], env, REPO
+    )
+    assert made.returncode == 0, made.stderr
     api = start_api(env, root / "api.log")
     try:
-        yield Live(api, root)
+        yield Live(api, root, made.stdout.splitlines()[-1])
     finally:
         api.kill()
 
@@ -103,7 +119,7 @@ def assert_served_as_written(document: dict, method: str, path: str) -> None:
     """Without this, schemathesis would check an auto-generated document that allows anything."""
     served = document["paths"].get(path, {}).get(method.lower())
     assert served is not None, f"{method} {path} is not in /docs/openapi.json"
-    written = PATHS[path][method.lower()]
+    written = SPEC["paths"][path][method.lower()]
     assert sorted(served["responses"]) == sorted(written["responses"]), (
         f"{method} {path}: /docs/openapi.json documents responses {sorted(served['responses'])}, "
         f"openapi_spec.py {sorted(written['responses'])}"
@@ -133,7 +149,7 @@ def run_operation(live: Live, method: str, path: str, mode: GenerationMode, **fi
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     def run(case: schemathesis.Case) -> None:
-        response = case.call_and_validate(checks=CHECKS)
+        response = case.call_and_validate(checks=CHECKS, headers=live.headers)
         text = response.text if "json" in str(response.headers.get("content-type")) else ""
         for secret in secrets:
             assert secret not in text and secret not in str(response.headers), secret
@@ -166,3 +182,28 @@ def test_operation_on_a_stored_upload_conforms(
     data = photo(seed) if stored == "success" else b"not an image at all"
     image_id = live.upload(data, f"{seed}.jpg")
     run_operation(live, method, path, GenerationMode.POSITIVE, image_id=image_id)
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
+def test_every_protected_operation_is_401_without_a_key(live: Live, method: str, path: str) -> None:
+    operation = PATHS[path][method.lower()]
+    url = live.api.url + path.format(image_id="whatever", size="small")
+    res = httpx.request(method, url, timeout=10)
+    if ACCESS[operation["operationId"]] is None:
+        assert res.status_code != 401, res.text
+        return
+    assert res.status_code == 401, res.text
+    assert res.headers["www-authenticate"].startswith("Bearer")
+    assert res.json() == {"status": "failed", "data": None, "error": res.json()["error"]}
+
+
+def test_the_document_says_what_each_route_declares() -> None:
+    """openapi_spec.ACCESS (what the document tells clients) and the scopes the routes declare
+    (what the guard enforces) are one rule: every operation is both, identically."""
+    declared = {}
+    for bp in BLUEPRINTS:
+        for route in bp._future_routes:
+            access = access_of(route.handler)
+            assert access is not None, f"{route.name} declares no access"
+            declared[route.name.split(".")[-1]] = None if access == PUBLIC else access
+    assert declared == ACCESS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sanic import HTTPResponse, Request
@@ -22,3 +23,13 @@ def base_url(request: Request) -> str:
     if configured:
         return configured
     return f"{request.scheme}://{request.host}"
+
+
+def url_maker(request: Request) -> Callable[[str], str]:
+    """Absolute URLs of this service's paths for answers; in keys mode (unless reads are public)
+    image URLs are signed, so that they work in an <img> tag, which cannot send a key."""
+    base = base_url(request)
+    guard = request.app.ctx.guard
+    if not guard.signs_urls:
+        return lambda path: base + path
+    return lambda path: f"{base}{path}?{guard.signer.query(path)}"

@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from sanic import Blueprint, HTTPResponse, Request
 
 from imgapi_core import records
+from imgapi_core.access import tokens
+from imgapi_core.access.scopes import DELETE, READ, UPLOAD, requires
 from imgapi_core.errors import ClientError
 from imgapi_core.numbers import whole_number
-from imgapi_core.routes import base_url, json_response
+from imgapi_core.routes import base_url, json_response, url_maker
 from imgapi_core.settings import Settings
 from imgapi_core.thumbnails import thumbnail_keys
 
@@ -43,6 +45,7 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
 
 
 @bp.post("/api/images", stream=True, name="upload")
+@requires(UPLOAD)
 async def upload(request: Request) -> HTTPResponse:
     outcome = await request.app.ctx.pipeline.ingest(
         body_chunks(request),
@@ -66,7 +69,10 @@ async def upload(request: Request) -> HTTPResponse:
     record, jobs = await request.app.ctx.store.record_with_jobs(outcome.image_id)
     if record is None:  # deleted by another request before this answer was written
         raise ClientError(404, f"image {outcome.image_id!r} was deleted right after its upload")
-    body = records.record(record, jobs, base_url(request))
+    body = records.record(record, jobs, url_maker(request))
+    # Shown once: only its hash is kept. With it the uploader may delete this upload without a
+    # delete-scoped key.
+    body["delete_token"] = outcome.delete_token
     return json_response(body, status=201, headers={"Location": f"/api/images/{outcome.image_id}"})
 
 
@@ -84,6 +90,7 @@ def refuse_unread_body(request: Request) -> None:
 
 
 @bp.get("/api/images", name="list_images")
+@requires(READ)
 async def list_images(request: Request) -> HTTPResponse:
     store = request.app.ctx.store
     args = request.args
@@ -101,29 +108,40 @@ async def list_images(request: Request) -> HTTPResponse:
     rows, jobs = await store.page_with_jobs(limit=limit + 1, before=before, status=status)
     more = len(rows) > limit
     rows = rows[:limit]
-    base = base_url(request)
-    body = [records.record(r, jobs.get(r.sha256 or "", {}), base) for r in rows]
+    url = url_maker(request)
+    body = [records.record(r, jobs.get(r.sha256 or "", {}), url) for r in rows]
     headers = {}
     if more:
         last = rows[-1]
         query = f"limit={limit}&cursor={records.encode_cursor(last.processed_at, last.image_id)}"
         if status:
             query += f"&status={status}"
-        headers["Link"] = f'<{base}/api/images?{query}>; rel="next"'
+        headers["Link"] = f'<{base_url(request)}/api/images?{query}>; rel="next"'
     return json_response(body, headers=headers)
 
 
 @bp.get("/api/images/<image_id:str>", name="get_image")
+@requires(READ)
 async def get_image(request: Request, image_id: str) -> HTTPResponse:
     record, jobs = await request.app.ctx.store.record_with_jobs(image_id)
     if record is None:
         raise ClientError(404, f"no image with id {image_id!r}")
-    return json_response(records.record(record, jobs, base_url(request)))
+    return json_response(records.record(record, jobs, url_maker(request)))
 
 
 @bp.delete("/api/images/<image_id:str>", name="delete_image")
+@requires(DELETE)
 async def delete_image(request: Request, image_id: str) -> HTTPResponse:
-    deleted = await request.app.ctx.store.delete_image(image_id)
+    store = request.app.ctx.store
+    if not request.app.ctx.guard.may_delete(request):
+        # The guard let it through for its X-Delete-Token: the upload's own token, or nothing.
+        token = request.headers.get("x-delete-token", "")
+        stored = await store.delete_token_hash(image_id)
+        # The same answer for an unknown id: a caller without a key learns nothing of which
+        # ids exist.
+        if stored is None or not tokens.matches(token, stored):
+            raise ClientError(403, "the delete token does not match this image")
+    deleted = await store.delete_image(image_id)
     if deleted is None:
         raise ClientError(404, f"no image with id {image_id!r}")
     # After the commit: a crash between the two leaves files without a record, which the start-up

@@ -10,6 +10,7 @@ from sanic import Blueprint, HTTPResponse, Request, Sanic
 from sanic.response import raw
 
 from imgapi_core import imaging, records
+from imgapi_core.access.scopes import READ, requires
 from imgapi_core.errors import ClientError
 from imgapi_core.media import MediaMissing, Reader, thumbnail_key
 from imgapi_core.routes import json_response
@@ -25,8 +26,6 @@ from imgapi_core.routes.conditional import (
 from imgapi_core.store import Record
 from imgapi_core.thumbnails import OriginalGone, make_thumbnails
 
-THUMB_CACHE = "public, max-age=31536000, immutable"
-
 bp = Blueprint("media")
 
 
@@ -38,6 +37,7 @@ async def load_record(request: Request, image_id: str) -> Record:
 
 
 @bp.get("/api/images/<image_id:str>/thumbnails/<size:str>", name="get_thumbnail")
+@requires(READ)
 async def get_thumbnail(request: Request, image_id: str, size: str) -> HTTPResponse:
     if size not in imaging.THUMB_SIZES:
         raise ClientError(400, f"size must be one of {', '.join(imaging.THUMB_SIZES)}")
@@ -46,7 +46,7 @@ async def get_thumbnail(request: Request, image_id: str, size: str) -> HTTPRespo
         raise ClientError(404, f"image {image_id!r} failed to upload: it has no thumbnails")
     sha256 = record.sha256
     etag = f'"{sha256}-{size}"'
-    headers = {"ETag": etag, "Cache-Control": THUMB_CACHE}
+    headers = {"ETag": etag, "Cache-Control": request.app.ctx.guard.cache_control(request)}
     if none_match(header_value(request, "if-none-match"), etag):
         return HTTPResponse(status=304, headers=headers)
     media = request.app.ctx.media
@@ -87,6 +87,7 @@ async def _render(app: Sanic, sha256: str) -> None:
 
 
 @bp.get("/api/images/<image_id:str>/original", name="get_original")
+@requires(READ)
 async def get_original(request: Request, image_id: str) -> HTTPResponse | None:
     """200 (whole), 206 (one byte range), 304, 412 or 416; the body is streamed in chunks.
 
@@ -114,7 +115,7 @@ async def _send_original(request: Request, record: Record, reader: Reader) -> HT
     headers = {
         "ETag": etag,
         "Last-Modified": format_datetime(modified, usegmt=True),
-        "Cache-Control": THUMB_CACHE,
+        "Cache-Control": request.app.ctx.guard.cache_control(request),
         "Accept-Ranges": "bytes",
     }
     precondition_check(request, etag, modified)

@@ -6,6 +6,7 @@ import asyncio
 
 from sanic import Blueprint, HTTPResponse, Request
 
+from imgapi_core.access.scopes import READ, public, requires
 from imgapi_core.routes import json_response
 from imgapi_core.store import JOB_STATES
 
@@ -13,6 +14,7 @@ bp = Blueprint("system")
 
 
 @bp.get("/api/stats", name="stats")
+@requires(READ)
 async def stats(request: Request) -> HTTPResponse:
     counts = await request.app.ctx.store.stats()
     total, failed = counts.total, counts.failed
@@ -34,6 +36,7 @@ async def stats(request: Request) -> HTTPResponse:
 
 
 @bp.get("/healthz", name="healthz")
+@public
 async def healthz(request: Request) -> HTTPResponse:
     checks: dict[str, str] = {}
     healthy = True

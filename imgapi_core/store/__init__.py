@@ -99,6 +99,25 @@ class NewUpload:
     size_bytes: int
     # Each job kind's first state and a note ("queued", or "skipped" with why).
     jobs: Mapping[str, tuple[str, str | None]]
+    # SHA-256 of the upload's delete token (shown once, in the 201 answer), when it has one.
+    delete_token_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: never its token, only the token's hash."""
+
+    name: str
+    key_id: str  # the public part of the token, by which a request's token is looked up
+    token_hash: str
+    scopes: tuple[str, ...]
+    created_at: str
+    last_used_at: str | None = None
+    revoked_at: str | None = None
+
+
+class KeyExists(ValueError):
+    """A key of that name exists (and is not revoked)."""
 
 
 class NotWritable(RuntimeError):
@@ -172,6 +191,30 @@ class Store(Protocol):
     async def set_exif(self, sha256: str, exif_json: str) -> None: ...
     async def set_caption(self, sha256: str, caption: str) -> None: ...
 
+    # access: API keys, server secrets, delete tokens
+    async def create_key(self, key: ApiKey) -> None:
+        """Raises KeyExists when a key of that name is in use; a revoked name may be reused."""
+        ...
+
+    async def list_keys(self) -> list[ApiKey]: ...
+    async def revoke_key(self, name: str, at: str) -> bool: ...
+    async def active_keys(self) -> list[ApiKey]:
+        """Every key that is not revoked: what a process caches to check requests."""
+        ...
+
+    async def mark_keys_used(self, used: Mapping[str, str]) -> None:
+        """key_id -> when it was last used."""
+        ...
+
+    async def secret(self, name: str, make: Callable[[], str]) -> str:
+        """The server secret of that name; made with `make` and kept the first time (once,
+        whichever process asks first)."""
+        ...
+
+    async def delete_token_hash(self, image_id: str) -> str | None:
+        """The hash of the upload's delete token; None when it has none (or no such image)."""
+        ...
+
 
 async def open_store(settings: Settings) -> Store:
     """The configured store, opened: migrations applied, writability checked."""
@@ -184,10 +227,12 @@ __all__ = [
     "FINISHED",
     "JOB_KINDS",
     "JOB_STATES",
+    "ApiKey",
     "Deleted",
     "Job",
     "JobState",
     "JobsByImage",
+    "KeyExists",
     "KnownImage",
     "NewUpload",
     "NotWritable",

@@ -16,16 +16,18 @@ import concurrent.futures
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from imgapi_core.store import (
     FINISHED,
+    ApiKey,
     Deleted,
     Job,
     JobsByImage,
     JobState,
+    KeyExists,
     KnownImage,
     NewUpload,
     NotWritable,
@@ -131,6 +133,28 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT i.image_id FROM images i
           WHERE i.metadata_sha256 IS NULL
              OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.sha256 = i.metadata_sha256));
+    """,
+    # 7: access control. Keys are kept as the SHA-256 of their token, never the token; the upload's
+    # delete token likewise. Secrets: the URL-signing key, made once.
+    """
+    CREATE TABLE api_keys (
+      name TEXT PRIMARY KEY,
+      key_id TEXT NOT NULL UNIQUE,
+      token_hash TEXT NOT NULL,
+      scopes TEXT NOT NULL,
+      created_at TEXT NOT NULL,
+      last_used_at TEXT,
+      revoked_at TEXT
+    );
+    CREATE TABLE secrets (
+      name TEXT PRIMARY KEY,
+      value TEXT NOT NULL,
+      created_at TEXT NOT NULL
+    );
+    CREATE TABLE delete_tokens (
+      image_id TEXT PRIMARY KEY REFERENCES images(image_id) ON DELETE CASCADE,
+      token_hash TEXT NOT NULL
+    );
     """,
 )
 
@@ -338,6 +362,11 @@ class SqliteStore:
                     for kind, (state, note) in u.jobs.items()
                 ],
             )
+            if u.delete_token_hash is not None:
+                conn.execute(
+                    "INSERT INTO delete_tokens (image_id, token_hash) VALUES (?, ?)",
+                    (u.image_id, u.delete_token_hash),
+                )
             pending = _pending_jobs(conn, u.sha256)
             conn.execute(
                 "INSERT INTO stats (image_id, start_time, end_time, status) VALUES (?, ?, ?, 1)",
@@ -476,6 +505,68 @@ class SqliteStore:
             "SELECT image_path FROM images WHERE metadata_sha256 = ? AND image_path IS NOT NULL"
             " ORDER BY processed_at LIMIT 1",
             (sha256,),
+        )
+        return row[0] if row else None
+
+    # -- access -----------------------------------------------------------------------------
+
+    async def create_key(self, key: ApiKey) -> None:
+        def txn(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT revoked_at FROM api_keys WHERE name = ?", (key.name,)
+            ).fetchone()
+            if row is not None and row[0] is None:
+                raise KeyExists(key.name)
+            conn.execute("DELETE FROM api_keys WHERE name = ?", (key.name,))
+            conn.execute(
+                "INSERT INTO api_keys (name, key_id, token_hash, scopes, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (key.name, key.key_id, key.token_hash, ",".join(key.scopes), key.created_at),
+            )
+
+        await self.write(txn)
+
+    async def list_keys(self) -> list[ApiKey]:
+        return [_api_key(r) for r in await self._fetchall(_KEY_SELECT + " ORDER BY name")]
+
+    async def revoke_key(self, name: str, at: str) -> bool:
+        def txn(conn: sqlite3.Connection) -> bool:
+            done = conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (at, name),
+            )
+            return done.rowcount == 1
+
+        return await self.write(txn)
+
+    async def active_keys(self) -> list[ApiKey]:
+        rows = await self._fetchall(_KEY_SELECT + " WHERE revoked_at IS NULL")
+        return [_api_key(r) for r in rows]
+
+    async def mark_keys_used(self, used: Mapping[str, str]) -> None:
+        def txn(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE api_keys SET last_used_at = ? WHERE key_id = ?",
+                [(at, key_id) for key_id, at in used.items()],
+            )
+
+        if used:
+            await self.write(txn)
+
+    async def secret(self, name: str, make: Callable[[], str]) -> str:
+        def txn(conn: sqlite3.Connection) -> str:
+            conn.execute(
+                "INSERT INTO secrets (name, value, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, make(), now_iso()),
+            )
+            return conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0]
+
+        return await self.write(txn)
+
+    async def delete_token_hash(self, image_id: str) -> str | None:
+        row = await self._fetchone(
+            "SELECT token_hash FROM delete_tokens WHERE image_id = ?", (image_id,)
         )
         return row[0] if row else None
 
@@ -655,6 +746,16 @@ class SqliteStore:
                 "UPDATE metadata SET caption = ? WHERE sha256 = ?", (caption, sha256)
             )
         )
+
+
+_KEY_SELECT = (
+    "SELECT name, key_id, token_hash, scopes, created_at, last_used_at, revoked_at FROM api_keys"
+)
+
+
+def _api_key(row: sqlite3.Row) -> ApiKey:
+    name, key_id, token_hash, scopes, created, used, revoked = row
+    return ApiKey(name, key_id, token_hash, tuple(scopes.split(",")), created, used, revoked)
 
 
 # Its columns in the order of Record's fields.
