@@ -43,10 +43,20 @@ _ORIGINAL_HEADERS = {
     "Accept-Ranges": _string_header("bytes"),
 }
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 _ORIGINAL_CONTENT = {
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    content_type: _BINARY
+    for content_type in (
+        "image/jpeg",
+        "image/png",
+        "image/webp",
+        "image/gif",
+        "image/tiff",
+        "image/avif",
+        "image/heic",
+    )
 }
+_THUMBNAIL_CONTENT = {t: _BINARY for t in ("image/jpeg", "image/webp", "image/avif")}
 
 _JOB = {
     "type": "object",
@@ -63,9 +73,16 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "description": "empty for a failed upload",
         "properties": {
-            "width": {"type": "integer"},
+            "width": {"type": "integer", "description": "as stored, before the orientation"},
             "height": {"type": "integer"},
-            "format": {"type": "string", "enum": ["jpeg", "png"]},
+            "display_width": {"type": "integer", "description": "as shown, after it"},
+            "display_height": {"type": "integer"},
+            "orientation": {"type": "integer", "minimum": 1, "maximum": 8},
+            "frames": {"type": "integer", "minimum": 1, "description": "1 for a still"},
+            "format": {
+                "type": "string",
+                "enum": ["jpeg", "png", "webp", "gif", "tiff", "avif", "heic"],
+            },
             "size_bytes": {"type": "integer"},
             "sha256": {"type": "string"},
             "first_upload": {"type": "string"},
@@ -160,7 +177,8 @@ PATHS: dict[str, Any] = {
     "/api/images": {
         "post": {
             "operationId": "upload",
-            "summary": "Upload an image (JPEG or PNG); failures are recorded too",
+            "summary": "Upload an image (JPEG, PNG, WebP, GIF, TIFF, AVIF, HEIC); failures are"
+            " recorded too",
             "requestBody": {
                 "required": True,
                 "content": {
@@ -255,14 +273,27 @@ PATHS: dict[str, Any] = {
         ],
         "get": {
             "operationId": "get_thumbnail",
-            "summary": "A JPEG thumbnail (small fits 256, medium fits 768), made on demand",
+            "summary": "A thumbnail (small fits 256, medium fits 768), made on demand",
+            "description": (
+                "JPEG, WebP or AVIF (those of THUMB_FORMATS): `?format=` when given, else AVIF"
+                " when Accept names image/avif, else WebP when it names image/webp, else JPEG."
+            ),
+            "parameters": [
+                {
+                    "name": "format",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": ["jpeg", "webp", "avif"]},
+                },
+                _header("Accept", "image/avif, image/webp: the preferred thumbnail format"),
+            ],
             "responses": {
                 "200": {
                     "description": "the thumbnail",
-                    "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                    "headers": {"Vary": _string_header("Accept")},
+                    "content": _THUMBNAIL_CONTENT,
                 },
                 "304": {"description": "not modified (If-None-Match: a matching tag, or *)"},
-                "400": _error("unknown size"),
+                "400": _error("unknown size, or a format that is not made"),
                 "404": _error("unknown image, or an upload that failed"),
                 "422": _error("the stored original cannot be decoded"),
             },

@@ -126,7 +126,12 @@ class Pipeline:
                 # Also checks the file's name and type (imaging.check_name_and_type) as soon as
                 # its part headers arrive, before any of its bytes are read or stored.
                 received = await uploads.receive(
-                    chunks, content_type, cfg.tmp_dir, cfg.max_upload_bytes, too_big
+                    chunks,
+                    content_type,
+                    cfg.tmp_dir,
+                    cfg.max_upload_bytes,
+                    too_big,
+                    cfg.allowed_formats,
                 )
             except BaseException as exc:
                 received = getattr(exc, "received", received)
@@ -134,12 +139,19 @@ class Pipeline:
             assert received.temp_path is not None
             # Bytes that were validated before are not decoded again: same bytes, same verdict.
             prior = await store.known_image(received.sha256)
-            if prior is not None:
-                info = imaging.image_info(prior.format, prior.width, prior.height)
+            if prior is not None and prior.format in cfg.allowed_formats:
+                info = imaging.image_info(
+                    prior.format, prior.width, prior.height, prior.frames, prior.orientation
+                )
             else:
                 loop = asyncio.get_running_loop()
                 info = await loop.run_in_executor(
-                    self.cpu, imaging.validate_image, received.temp_path, cfg.max_pixels
+                    self.cpu,
+                    imaging.validate_image,
+                    received.temp_path,
+                    cfg.max_pixels,
+                    cfg.max_frames,
+                    cfg.allowed_formats,
                 )
         except ClientError as exc:
             received.discard()
@@ -179,6 +191,8 @@ class Pipeline:
             height=info.height,
             format=info.format,
             size_bytes=received.size,
+            frames=info.frames,
+            orientation=info.orientation,
             jobs=self.jobs.initial_states(),
             delete_token_hash=tokens.hash_token(delete_token),
         )

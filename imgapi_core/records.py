@@ -49,9 +49,16 @@ def record(rec: Record, jobs: Mapping[str, JobState], url: Url) -> dict:
         data.update(metadata={}, thumbnails={}, jobs={})
         return {"status": "failed", "data": data, "thumbnails": {}, "error": rec.error}
     exif = rec.exif_json
+    orientation = rec.orientation or 1
+    turned = orientation >= 5  # 5-8 turn the image by 90 degrees
     data["metadata"] = {
         "width": rec.width,
         "height": rec.height,
+        # The size it is shown at: a phone photo stored 4000x3000 with orientation 6 is 3000x4000.
+        "display_width": rec.height if turned else rec.width,
+        "display_height": rec.width if turned else rec.height,
+        "orientation": orientation,
+        "frames": rec.frames or 1,
         "format": rec.format,
         "size_bytes": rec.size_bytes,
         "sha256": rec.sha256,

@@ -144,7 +144,9 @@ class Runtime:
     async def _work(self, kind: str, sha256: str) -> str:
         if kind == "thumbnail":
             try:
-                await make_thumbnails(self.store, self.media, self.cpu, sha256)
+                await make_thumbnails(
+                    self.store, self.media, self.cpu, sha256, self.settings.thumb_formats
+                )
             except OriginalGone:
                 raise PermanentError("the original file is gone") from None
             except ClientError as exc:

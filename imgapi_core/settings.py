@@ -120,6 +120,24 @@ def _rate_limit(raw: str) -> str:
     return value
 
 
+# The names of imgapi_core.formats (a test holds the two lists together; settings import nothing).
+INPUT_FORMATS = ("jpeg", "png", "webp", "gif", "tiff", "avif", "heic")
+OUTPUT_FORMATS = ("jpeg", "webp", "avif")
+
+
+def _format_list(known: tuple[str, ...], required: str | None = None) -> Callable[[str], tuple]:
+    def parse(raw: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise ValueError(f"must be a comma-separated list of {', '.join(known)}")
+        if required and required not in names:
+            raise ValueError(f"must include {required}")
+        return names
+
+    return parse
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
     for origin in origins:
@@ -227,6 +245,19 @@ class Settings:
         "diagnostics: log event-loop callbacks slower than this (asyncio debug mode; 0: off)",
     )
     log_level: str = setting("INFO", _choice("debug", "info", "warning", "error"), "log level")
+    allowed_formats: tuple[str, ...] = setting(
+        ",".join(INPUT_FORMATS),
+        _format_list(INPUT_FORMATS),
+        "image formats accepted for upload (by their content)",
+    )
+    max_frames: int = setting(
+        "1000", _positive_int, "most frames (animations) or pages (TIFF) of one upload"
+    )
+    thumb_formats: tuple[str, ...] = setting(
+        "jpeg,webp",
+        _format_list(OUTPUT_FORMATS, required="jpeg"),
+        "thumbnail formats made (jpeg, webp, avif; jpeg always; avif is slow on a CPU)",
+    )
     auth: str = setting(
         "auto",
         _choice("auto", "open", "keys"),

@@ -12,7 +12,7 @@ import re
 import socket
 import tempfile
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
@@ -20,7 +20,7 @@ from urllib.parse import unquote
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from imgapi_core import imaging
+from imgapi_core import formats, imaging
 from imgapi_core.errors import ClientError
 from imgapi_core.numbers import whole_number
 
@@ -146,8 +146,11 @@ def _extended_filename(disposition: bytes) -> str | None:
 class _Receiver:
     """python-multipart callbacks that route the one `file` part to a temp file."""
 
-    def __init__(self, tmp_dir: Path, max_bytes: int) -> None:
+    def __init__(
+        self, tmp_dir: Path, max_bytes: int, allowed: Collection[str] = formats.ALL_NAMES
+    ) -> None:
         self.tmp_dir = tmp_dir
+        self.allowed = allowed
         self.max_bytes = max_bytes
         self.result = Received()
         self._hash = hashlib.sha256()
@@ -205,7 +208,7 @@ class _Receiver:
         result.content_type = ctype.decode("latin-1").strip() if ctype else None
         # Name and type are known now, before the first byte of the file: a refused one is not
         # read any further, and never written to disk.
-        imaging.check_name_and_type(result.original_name, result.content_type)
+        imaging.check_name_and_type(result.original_name, result.content_type, self.allowed)
         fd, path = tempfile.mkstemp(prefix=temp_owner(), suffix=".part", dir=self.tmp_dir)
         result.temp_path = Path(path)
         result._fd = fd
@@ -248,6 +251,7 @@ async def receive(
     tmp_dir: Path,
     max_bytes: int,
     max_body_bytes: int | None = None,
+    allowed: Collection[str] = formats.ALL_NAMES,
 ) -> Received:
     """Reads the whole body. The file part may hold up to max_bytes, the whole body (other form
     fields too) up to max_body_bytes. On any error the temp file is removed and the error is
@@ -255,7 +259,7 @@ async def receive(
     if max_body_bytes is None:
         max_body_bytes = max_bytes + OVERHEAD
     boundary = boundary_of(content_type)
-    receiver = _Receiver(tmp_dir, max_bytes)
+    receiver = _Receiver(tmp_dir, max_bytes, allowed)
     parser = MultipartParser(boundary, receiver.callbacks())
     total = 0
     try:

@@ -84,8 +84,12 @@ def make_settings(tmp_path: Path) -> Callable[..., settings_mod.Settings]:
 
 
 @pytest.fixture
-def cfg(make_settings: Callable[..., settings_mod.Settings]) -> settings_mod.Settings:
-    return make_settings()
+def cfg(
+    make_settings: Callable[..., settings_mod.Settings], request: pytest.FixtureRequest
+) -> settings_mod.Settings:
+    """Settings for this test, with the env values a test asks for through indirect
+    parametrization (`pytest.mark.parametrize("cfg", [{"WORKER": "off"}], indirect=True)`)."""
+    return make_settings(**getattr(request, "param", {}))
 
 
 @contextlib.asynccontextmanager

@@ -94,6 +94,30 @@ def make_photo() -> bytes:
     return out.getvalue()
 
 
+def check_heic(client: httpx.Client, photo: bytes) -> str:
+    """An iPhone-style HEIC (made from the check's photo) is accepted and gets a WebP thumbnail."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    image = Image.open(io.BytesIO(photo))
+    out = io.BytesIO()
+    image.save(out, "HEIF", exif=image.getexif().tobytes())
+    response = client.post(
+        "/api/images", files={"file": ("IMG_0001.HEIC", out.getvalue(), "image/heic")}
+    )
+    expect(response.status_code == 201, f"HEIC upload: {response.status_code} {response.text}")
+    data = response.json()["data"]
+    meta = data["metadata"]
+    shown = (meta["display_width"], meta["display_height"])
+    expect(meta["format"] == "heic" and shown == STORED_SIZE[::-1], f"HEIC metadata: {meta}")
+    thumb = client.get(
+        f"/api/images/{data['image_id']}/thumbnails/small", headers={"Accept": "image/webp"}
+    )
+    expect(thumb.status_code == 200, f"HEIC thumbnail: {thumb.status_code}")
+    expect(thumb.headers["content-type"] == "image/webp", f"thumbnail: {thumb.headers}")
+    return data["image_id"]
+
+
 def healthy(client: httpx.Client) -> dict[str, Any]:
     response = client.get("/healthz")
     if response.status_code != 200:
@@ -277,6 +301,8 @@ def main() -> int:
                         lambda size=size: check_thumbnail(client, image_id, size),
                     )
                 step("exif latitude/longitude", lambda: check_exif(record))
+        heic_id = step("a HEIC upload, served a WebP thumbnail", lambda: check_heic(client, photo))
+        created += [heic_id] if heic_id else []
         rejected_id = step("bad upload rejected with a JSON 4xx", lambda: check_rejected(client))
         created += [rejected_id] if rejected_id else []
         step("stats", lambda: check_stats(client))

@@ -23,7 +23,7 @@ THUMBNAILS = "thumbnails"
 # Wider than what original_key() builds: a database upgraded from the seed holds its own file
 # names (any case, spaces). One path component, never hidden (temp files are) and never "..".
 _ORIGINAL_KEY = re.compile(r"originals/(?!\.)[^/\\\x00]{1,255}")
-_THUMBNAIL_KEY = re.compile(r"thumbnails/([a-z0-9_-]{1,32})/([0-9a-f]{64})\.jpeg")
+_THUMBNAIL_KEY = re.compile(r"thumbnails/([a-z0-9_-]{1,32})/([0-9a-f]{64})\.(jpeg|webp|avif)")
 # Ids are ours (hex); a seed database may hold others, like "img123".
 _IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SIZE = re.compile(r"[a-z0-9_-]{1,32}")
@@ -68,10 +68,13 @@ def original_key(image_id: str, ext: str) -> str:
     return f"{ORIGINALS}/{image_id}.{ext}"
 
 
-def thumbnail_key(size: str, sha256: str) -> str:
-    if not (_SIZE.fullmatch(size) and _SHA256.fullmatch(sha256)):
-        raise ValueError(f"bad thumbnail key parts {size!r}, {sha256!r}")
-    return f"{THUMBNAILS}/{size}/{sha256}.jpeg"
+THUMBNAIL_FORMATS = ("jpeg", "webp", "avif")
+
+
+def thumbnail_key(size: str, sha256: str, fmt: str = "jpeg") -> str:
+    if not (_SIZE.fullmatch(size) and _SHA256.fullmatch(sha256) and fmt in THUMBNAIL_FORMATS):
+        raise ValueError(f"bad thumbnail key parts {size!r}, {sha256!r}, {fmt!r}")
+    return f"{THUMBNAILS}/{size}/{sha256}.{fmt}"
 
 
 def is_valid_key(key: str) -> bool:

@@ -9,7 +9,7 @@ from email.utils import format_datetime
 from sanic import Blueprint, HTTPResponse, Request, Sanic
 from sanic.response import raw
 
-from imgapi_core import imaging, records
+from imgapi_core import formats, imaging, records
 from imgapi_core.access.scopes import READ, requires
 from imgapi_core.errors import ClientError
 from imgapi_core.media import MediaMissing, Reader, thumbnail_key
@@ -23,6 +23,7 @@ from imgapi_core.routes.conditional import (
     precondition_check,
     requested_range,
 )
+from imgapi_core.settings import Settings
 from imgapi_core.store import Record
 from imgapi_core.thumbnails import OriginalGone, make_thumbnails
 
@@ -39,18 +40,26 @@ async def load_record(request: Request, image_id: str) -> Record:
 @bp.get("/api/images/<image_id:str>/thumbnails/<size:str>", name="get_thumbnail")
 @requires(READ)
 async def get_thumbnail(request: Request, image_id: str, size: str) -> HTTPResponse:
+    cfg: Settings = request.app.ctx.settings
     if size not in imaging.THUMB_SIZES:
         raise ClientError(400, f"size must be one of {', '.join(imaging.THUMB_SIZES)}")
+    fmt = thumbnail_format(request, cfg.thumb_formats)
     record = await load_record(request, image_id)
     if record.error is not None or record.sha256 is None:
         raise ClientError(404, f"image {image_id!r} failed to upload: it has no thumbnails")
     sha256 = record.sha256
-    etag = f'"{sha256}-{size}"'
-    headers = {"ETag": etag, "Cache-Control": request.app.ctx.guard.cache_control(request)}
+    # The JPEG's tag is what it was before other formats existed: caches keep what they hold.
+    etag = f'"{sha256}-{size}"' if fmt == "jpeg" else f'"{sha256}-{size}-{fmt}"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": request.app.ctx.guard.cache_control(request),
+        # The format follows the Accept header: a cache must keep one copy per Accept.
+        "Vary": "Accept",
+    }
     if none_match(header_value(request, "if-none-match"), etag):
         return HTTPResponse(status=304, headers=headers)
     media = request.app.ctx.media
-    key = thumbnail_key(size, sha256)
+    key = thumbnail_key(size, sha256, fmt)
     try:
         data = await media.read_bytes(key)
     except MediaMissing:
@@ -60,7 +69,41 @@ async def get_thumbnail(request: Request, image_id: str, size: str) -> HTTPRespo
         except MediaMissing:
             # Rendered, then removed by a delete of the image that ran meanwhile.
             raise ClientError(404, f"no image with id {image_id!r}") from None
-    return raw(data, content_type="image/jpeg", headers=headers)
+    return raw(data, content_type=formats.THUMB_CONTENT_TYPES[fmt], headers=headers)
+
+
+def thumbnail_format(request: Request, enabled: tuple[str, ...]) -> str:
+    """?format= when given (one of THUMB_FORMATS); else AVIF when the Accept header names it
+    and it is made, else WebP likewise, else JPEG. `*/*` and `image/*` alone mean JPEG: a client
+    that names no modern format gets the one every client reads."""
+    asked = request.args.get("format")
+    if asked is not None:
+        if asked not in enabled:
+            raise ClientError(400, f"format must be one of {', '.join(enabled)}")
+        return asked
+    named = accepted_types(request.headers.get("accept", ""))
+    for fmt in ("avif", "webp"):
+        if fmt in enabled and f"image/{fmt}" in named:
+            return fmt
+    return "jpeg"
+
+
+def accepted_types(accept: str) -> set[str]:
+    """The media types an Accept header names with a q-value above zero."""
+    named: set[str] = set()
+    for member in accept.split(","):
+        kind, *params = (part.strip() for part in member.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if kind and q > 0:
+            named.add(kind.lower())
+    return named
 
 
 async def render_on_demand(app: Sanic, sha256: str) -> None:
@@ -76,7 +119,9 @@ async def render_on_demand(app: Sanic, sha256: str) -> None:
 
 async def _render(app: Sanic, sha256: str) -> None:
     try:
-        await make_thumbnails(app.ctx.store, app.ctx.media, app.ctx.cpu, sha256)
+        await make_thumbnails(
+            app.ctx.store, app.ctx.media, app.ctx.cpu, sha256, app.ctx.settings.thumb_formats
+        )
     except OriginalGone:
         raise ClientError(404, "the original of this image is gone") from None
     except ClientError as exc:

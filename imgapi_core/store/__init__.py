@@ -39,6 +39,8 @@ class Record:
     first_upload: str | None = None
     exif_json: str | None = None
     caption: str | None = None
+    frames: int | None = None
+    orientation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class KnownImage:
     width: int
     height: int
     format: str
+    frames: int = 1
+    orientation: int = 1
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class NewUpload:
     jobs: Mapping[str, tuple[str, str | None]]
     # SHA-256 of the upload's delete token (shown once, in the 201 answer), when it has one.
     delete_token_hash: str | None = None
+    frames: int = 1
+    orientation: int = 1
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,23 @@ MIGRATIONS: tuple[str, ...] = (
       token_hash TEXT NOT NULL
     );
     """,
+    # 8: frames (animations, TIFF pages, HEIF images) and the EXIF orientation of each image's
+    # bytes, beside the seed's metadata table rather than in it. Images stored before are stills;
+    # their orientation comes from the EXIF the job read (1 where it has not run or has none).
+    """
+    CREATE TABLE image_shape (
+      sha256 TEXT PRIMARY KEY REFERENCES metadata(sha256) ON DELETE CASCADE,
+      frames INTEGER NOT NULL DEFAULT 1,
+      orientation INTEGER NOT NULL DEFAULT 1
+    );
+    INSERT INTO image_shape (sha256, frames, orientation)
+      SELECT sha256, 1,
+        CASE WHEN json_valid(exif_json)
+              AND json_type(exif_json, '$.Orientation') = 'integer'
+              AND json_extract(exif_json, '$.Orientation') BETWEEN 1 AND 8
+          THEN json_extract(exif_json, '$.Orientation') ELSE 1 END
+      FROM metadata;
+    """,
 )
 
 
@@ -342,6 +359,11 @@ class SqliteStore:
                 (u.sha256, u.width, u.height, u.format, u.size_bytes, u.processed_at),
             )
             conn.execute(
+                "INSERT INTO image_shape (sha256, frames, orientation) VALUES (?, ?, ?)"
+                " ON CONFLICT (sha256) DO NOTHING",
+                (u.sha256, u.frames, u.orientation),
+            )
+            conn.execute(
                 "INSERT INTO images (image_id, original_name, processed_at, image_path,"
                 " metadata_sha256, error) VALUES (?, ?, ?, ?, ?, NULL)",
                 (u.image_id, u.original_name, u.processed_at, u.original_key, u.sha256),
@@ -395,7 +417,11 @@ class SqliteStore:
     async def known_image(self, sha256: str) -> KnownImage | None:
         """The stored metadata of these bytes when an earlier upload of them succeeded."""
         row = await self._fetchone(
-            "SELECT sha256, width, height, format FROM metadata WHERE sha256 = ?", (sha256,)
+            "SELECT m.sha256, m.width, m.height, m.format,"
+            " coalesce(s.frames, 1), coalesce(s.orientation, 1)"
+            " FROM metadata m LEFT JOIN image_shape s ON s.sha256 = m.sha256"
+            " WHERE m.sha256 = ?",
+            (sha256,),
         )
         return KnownImage(*row) if row else None
 
@@ -762,8 +788,10 @@ def _api_key(row: sqlite3.Row) -> ApiKey:
 _RECORD_SELECT = (
     "SELECT i.image_id, i.original_name, i.processed_at, i.error, i.image_path,"
     " i.metadata_sha256 AS sha256,"
-    " m.width, m.height, m.format, m.size_bytes, m.first_upload, m.exif_json, m.caption"
+    " m.width, m.height, m.format, m.size_bytes, m.first_upload, m.exif_json, m.caption,"
+    " s.frames, s.orientation"
     " FROM images i LEFT JOIN metadata m ON m.sha256 = i.metadata_sha256"
+    " LEFT JOIN image_shape s ON s.sha256 = i.metadata_sha256"
 )
 
 

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from imgapi_core import settings as settings_mod
 from imgapi_core.settings import SettingsError
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_match_the_design():

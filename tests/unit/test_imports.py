@@ -8,8 +8,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = {"imgapi", "jobs"}
 LEAVES = {
     "imgapi_core.errors",

@@ -1,24 +1,19 @@
 """HTTP semantics of an image's bytes (RFC 9110): the original's validators (ETag, Last-Modified),
 conditional requests (If-None-Match, If-Modified-Since, If-Match, If-Unmodified-Since, If-Range),
 single byte ranges (206 / 416), and If-None-Match on thumbnails. Through sanic-testing's ASGI
-client, and once against a real `python imgapi.py` over HTTP/1 with urllib."""
+client; against a real `python imgapi.py` over HTTP/1: system/test_media_real_http.py."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import random
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-import procs
-import pytest
 from conftest import multipart, originals_dir
 from PIL import Image
 
@@ -314,65 +309,3 @@ async def test_thumbnail_if_none_match_is_a_list_of_entity_tags(client):
     for value in (f"{etag}junk", f"x{etag}", f"{etag} {etag}"):
         _, res = await client.get(url, headers={"if-none-match": value})
         assert res.status == 200 and res.content == first.content, value
-
-
-# -- over a real HTTP/1 server ------------------------------------------------------------------
-
-
-def fetch(url: str, method: str = "GET", **headers: str) -> tuple[int, Any, bytes]:
-    """(status, headers, body) by urllib, whatever the status."""
-    request = urllib.request.Request(url, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as res:
-            return res.status, res.headers, res.read()
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, err.headers, err.read()
-
-
-@pytest.mark.slow
-def test_ranges_and_validators_over_a_real_http1_server(tmp_path: Path):
-    data = noise_png(500)
-    n = len(data)
-    assert n > 2 * CHUNK_BYTES
-    api = procs.start_api(procs.settings_for(tmp_path), tmp_path / "api.log")
-    try:
-        with httpx.Client(base_url=api.url, timeout=30) as http:
-            res = http.post("/api/images", files=multipart(data, "noise.png", "image/png"))
-        assert res.status_code == 201, res.text
-        url = f"{api.url}/api/images/{res.json()['data']['image_id']}/original"
-
-        status, headers, body = fetch(url)
-        assert status == 200 and body == data
-        assert headers["Content-Length"] == str(n) and "Transfer-Encoding" not in headers
-        assert headers["ETag"] == quoted_sha256(data) and headers["Accept-Ranges"] == "bytes"
-
-        for spec, first, last in (
-            ("bytes=0-99", 0, 99),
-            ("bytes=100-", 100, n - 1),
-            ("bytes=-100", n - 100, n - 1),
-            (f"bytes=17-{CHUNK_BYTES + 99}", 17, CHUNK_BYTES + 99),
-        ):
-            status, headers, body = fetch(url, Range=spec)
-            assert status == 206, spec
-            assert headers["Content-Range"] == f"bytes {first}-{last}/{n}", spec
-            assert headers["Content-Length"] == str(last - first + 1), spec
-            assert body == data[first : last + 1], spec
-
-        status, headers, body = fetch(url, Range=f"bytes={n}-")
-        assert status == 416 and headers["Content-Range"] == f"bytes */{n}"
-        assert b'"status":"failed"' in body
-
-        # HEAD (sanic-ext runs the GET handler): the same headers, no body.
-        status, headers, body = fetch(url, "HEAD")
-        assert status == 200 and body == b"" and headers["Content-Length"] == str(n)
-        status, headers, body = fetch(url, "HEAD", Range="bytes=-10")
-        assert status == 206 and body == b"" and headers["Content-Length"] == "10"
-        assert headers["Content-Range"] == f"bytes {n - 10}-{n - 1}/{n}"
-
-        status, headers, body = fetch(url, **{"If-None-Match": "*"})
-        assert status == 304 and body == b""
-        status, _, body = fetch(url, Range="bytes=0-0")
-        assert status == 206 and body == data[:1]
-    finally:
-        api.stop()

@@ -145,6 +145,8 @@ async def test_record_success_round_trips_every_field(store):
         height=480,
         format="png",
         size_bytes=123_456,
+        frames=3,
+        orientation=6,
         jobs={
             "thumbnail": ("queued", None),
             "exif": ("queued", None),
@@ -166,6 +168,8 @@ async def test_record_success_round_trips_every_field(store):
         first_upload="2026-03-01T10:00:00.250Z",
         exif_json=None,
         caption=None,
+        frames=3,
+        orientation=6,
     )
     assert await store.get_record("rt1") == expected
     record, jobs = await store.record_with_jobs("rt1")
@@ -177,6 +181,7 @@ async def test_record_success_round_trips_every_field(store):
     }
     assert await store.get_record("nope") is None
     assert await store.record_with_jobs("nope") == (None, {})
+    assert await store.known_image(SHA) == KnownImage(SHA, 640, 480, "png", 3, 6)
 
 
 async def test_the_first_upload_of_some_bytes_wins_their_metadata_and_jobs(store):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import manifest, multipart
+from job_helpers import FINISHED, db_rows, thumbnail_files, upload, wait_jobs
 from PIL import Image, ImageChops, ImageStat
 from sanic_testing.testing import SanicASGITestClient
-from test_jobs import FINISHED, db_rows, thumbnail_files, upload, wait_jobs
 
 from imgapi_core.settings import Settings
 

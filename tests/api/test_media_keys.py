@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from conftest import running_app, wait_for
+from job_helpers import upload, wait_jobs
 from PIL import Image
 from sanic_testing.testing import SanicASGITestClient
-from test_jobs import upload, wait_jobs
 
 from imgapi_core import imaging
 from imgapi_core.media import thumbnail_key
@@ -66,7 +66,7 @@ async def test_originals_are_found_after_the_media_folder_moves(make_settings, t
 
 async def test_no_thumbnail_of_an_image_deleted_while_its_job_runs(app, client, cfg, monkeypatch):
     rendering, go_on = threading.Event(), threading.Event()
-    real_render = imaging.render_thumbnails
+    real_render = imaging.render_thumbnail_set
 
     def slow_render(*args, **kwargs):
         # Decoded and rendered while the original exists; held before the thumbnails are written.
@@ -75,7 +75,7 @@ async def test_no_thumbnail_of_an_image_deleted_while_its_job_runs(app, client, 
         go_on.wait(10)
         return rendered
 
-    monkeypatch.setattr(imaging, "render_thumbnails", slow_render)
+    monkeypatch.setattr(imaging, "render_thumbnail_set", slow_render)
     body = await upload(client, jpeg(), "gone-soon.jpg")
     image_id, sha256 = body["data"]["image_id"], body["data"]["metadata"]["sha256"]
     assert await asyncio.to_thread(rendering.wait, 10)

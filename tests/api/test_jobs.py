@@ -1,21 +1,32 @@
 """Jobs in-process (no REDIS_URL) and the job semantics: states, retries, failures, recovery.
 
-The helpers at the top are shared with test_jobs_arq.py and test_exif_thumbs_jobs.py.
+The helpers are in job_helpers.py, shared with test_exif_thumbs_jobs.py, test_media_keys.py and
+test_jobs_arq.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import corpus_folder, multipart, originals_dir, running_app, thumbnail_file, wait_for
+from conftest import running_app, wait_for
+from job_helpers import (
+    SMALL_PHOTO,
+    db_rows,
+    db_write,
+    get_record,
+    job_rows,
+    original_path,
+    photo_bytes,
+    thumbnail_files,
+    unique_jpeg,
+    upload,
+    wait_jobs,
+)
 from PIL import Image
 from sanic import Sanic
 from sanic_testing.testing import SanicASGITestClient
@@ -23,93 +34,6 @@ from sanic_testing.testing import SanicASGITestClient
 from imgapi_core import imaging
 from imgapi_core import runtime as jobs
 from imgapi_core.settings import Settings
-
-FINISHED = ("done", "failed", "skipped")
-# A small camera JPEG with EXIF (Make FUJIFILM), 1200x800: both thumbnail sizes are real resizes.
-SMALL_PHOTO = "fujifilm-x100f-seed.jpg"
-
-
-# -- shared helpers ----------------------------------------------------------------------------
-
-
-def photo_bytes(name: str) -> bytes:
-    return (corpus_folder("photos") / name).read_bytes()
-
-
-def unique_jpeg(data: bytes, tag: str | None = None) -> bytes:
-    """The same JPEG with a COM segment after SOI: new bytes (new sha256), same pixels."""
-    payload = (tag or uuid.uuid4().hex).encode()
-    assert data[:2] == b"\xff\xd8", "not a JPEG"
-    return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
-
-
-def db_rows(cfg: Settings, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-    """Reads the app's database directly, on a connection of its own."""
-    conn = sqlite3.connect(cfg.db_path, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute(sql, tuple(params)))
-    finally:
-        conn.close()
-
-
-def db_write(cfg: Settings, sql: str, params: Iterable[Any] = ()) -> int:
-    conn = sqlite3.connect(cfg.db_path, timeout=30)
-    try:
-        with conn:
-            return conn.execute(sql, tuple(params)).rowcount
-    finally:
-        conn.close()
-
-
-def job_rows(cfg: Settings, sha256: str) -> dict[str, sqlite3.Row]:
-    rows = db_rows(cfg, "SELECT * FROM jobs WHERE sha256 = ?", (sha256,))
-    return {row["kind"]: row for row in rows}
-
-
-async def upload(
-    client: SanicASGITestClient, data: bytes, name: str = "photo.jpg", status: int = 201
-) -> dict:
-    content_type = "image/png" if name.endswith(".png") else "image/jpeg"
-    _, res = await client.post("/api/images", files=multipart(data, name, content_type))
-    assert res.status == status, res.text
-    return res.json
-
-
-async def get_record(client: SanicASGITestClient, image_id: str) -> dict:
-    _, res = await client.get(f"/api/images/{image_id}")
-    assert res.status == 200, res.text
-    return res.json
-
-
-async def wait_jobs(
-    client: SanicASGITestClient,
-    image_id: str,
-    kinds: Iterable[str] = ("thumbnail", "exif"),
-    states: Iterable[str] = FINISHED,
-    within: float = 30,
-) -> dict:
-    """Polls the record until each of `kinds` is in one of `states`; returns the last record."""
-    kinds, states = tuple(kinds), tuple(states)
-    seen: dict[str, Any] = {}
-
-    async def reached() -> bool:
-        seen["record"] = await get_record(client, image_id)
-        job_states = seen["record"]["data"]["jobs"]
-        return all(job_states[kind]["state"] in states for kind in kinds)
-
-    await wait_for(reached, within)
-    return seen["record"]
-
-
-def original_path(cfg: Settings, image_id: str) -> Path:
-    (path,) = originals_dir(cfg).glob(f"{image_id}.*")
-    return path
-
-
-def thumbnail_files(cfg: Settings, sha256: str) -> dict[str, Path]:
-    return {size: thumbnail_file(cfg, size, sha256) for size in ("small", "medium")}
-
 
 # -- mode 1: jobs in the API process ----------------------------------------------------------
 
@@ -282,7 +206,7 @@ async def test_transient_error_backs_off_then_fails_keeping_the_last_error(
         calls.append(1)
         raise OSError(f"disk hiccup {len(calls)}")
 
-    monkeypatch.setattr(imaging, "render_thumbnails", broken)
+    monkeypatch.setattr(imaging, "render_thumbnail_set", broken)
 
     for attempt, backoff in ((1, 2.0), (2, 4.0)):
         assert await runtime.run("thumbnail", sha256) == "retrying"
@@ -330,7 +254,7 @@ async def test_transient_errors_with_the_in_process_runner(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = make_settings(JOB_MAX_ATTEMPTS="2")
-    real_write = imaging.render_thumbnails
+    real_write = imaging.render_thumbnail_set
     thumbnail_calls: list[int] = []
 
     def flaky_write(*args: Any) -> Any:
@@ -342,7 +266,7 @@ async def test_transient_errors_with_the_in_process_runner(
     def broken_exif(*_args: Any) -> Any:
         raise RuntimeError("exif reader crashed")
 
-    monkeypatch.setattr(imaging, "render_thumbnails", flaky_write)
+    monkeypatch.setattr(imaging, "render_thumbnail_set", flaky_write)
     monkeypatch.setattr(imaging, "extract_exif", broken_exif)
     async with running_app(cfg) as application:
         client = SanicASGITestClient(application)
@@ -441,14 +365,14 @@ async def test_api_restart_loses_no_job(
     """Closed with jobs queued and running: the running ones go back to queued; a new start
     runs them all."""
     cfg = make_settings()
-    real_write = imaging.render_thumbnails
+    real_write = imaging.render_thumbnail_set
     release = threading.Event()
 
     def held_write(*args: Any) -> Any:
         release.wait(20)  # thumbnail jobs are still running when the API closes
         return real_write(*args)
 
-    monkeypatch.setattr(imaging, "render_thumbnails", held_write)
+    monkeypatch.setattr(imaging, "render_thumbnail_set", held_write)
     big = photo_bytes("xiaomi-mi9t-12mp-orient6.jpg")
     async with running_app(cfg) as application:
         client = SanicASGITestClient(application)

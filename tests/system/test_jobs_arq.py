@@ -22,9 +22,7 @@ import redis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.worker import Worker
 from conftest import running_app, wait_for
-from procs import RedisServer, redis_server, redis_server_path, start_worker
-from sanic_testing.testing import SanicASGITestClient
-from test_jobs import (
+from job_helpers import (
     SMALL_PHOTO,
     get_record,
     job_rows,
@@ -35,6 +33,8 @@ from test_jobs import (
     upload,
     wait_jobs,
 )
+from procs import RedisServer, redis_server, redis_server_path, start_worker
+from sanic_testing.testing import SanicASGITestClient
 
 from imgapi_core import runtime as runtime_mod
 from imgapi_core import worker as worker_mod

@@ -1,4 +1,5 @@
-"""The README keeps up with the code: every setting is in its table, with its real default."""
+"""The README keeps up with the code: every setting is in its table, with its real default; the
+test files it names exist."""
 
 from __future__ import annotations
 
@@ -60,3 +61,15 @@ def test_readme_keeps_workers_on_the_apis_host() -> None:
     row = next(line for line in README.splitlines() if line.startswith("| set | `off` |"))
     assert "same host" in row, row
     assert "they must run on one host" in README
+
+
+def test_test_files_named_in_the_docs_exist() -> None:
+    # The suite is in layers (tests/unit, contract, api, system): a moved file must not leave the
+    # README or docs/ pointing at its old path.
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    named = 0
+    for doc in docs:
+        for path in re.findall(r"\btests/[\w/]+\.py\b", doc.read_text(encoding="utf-8")):
+            named += 1
+            assert (REPO / path).is_file(), f"{doc.name} names {path}, which does not exist"
+    assert named, "no test file named in the README or docs/"
