@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from store_helpers import add_image
 
-from imgapi_core.store import JOB_KINDS, NewUpload, now_iso
+from imgapi_core.store import JOB_KINDS
 from imgapi_core.store.sqlite import SqliteStore as Store
 
 
@@ -54,31 +55,6 @@ def write_lock_held(db_path: Path) -> Iterator[threading.Event]:
     finally:
         release.set()
         thread.join(30)
-
-
-async def add_image(
-    store: Store,
-    image_id: str,
-    sha256: str,
-    processed_at: str | None = None,
-    jobs: Mapping[str, tuple[str, str | None]] | None = None,
-) -> bool:
-    stamp = processed_at or now_iso()
-    return await store.record_success(
-        NewUpload(
-            image_id=image_id,
-            original_name=f"{image_id}.jpg",
-            processed_at=stamp,
-            start_time=stamp,
-            original_key=f"originals/{image_id}.jpg",
-            sha256=sha256,
-            width=4,
-            height=3,
-            format="jpeg",
-            size_bytes=100,
-            jobs=dict.fromkeys(JOB_KINDS, ("queued", None)) if jobs is None else jobs,
-        )
-    )
 
 
 def whole_or_absent(db_path: Path) -> None:

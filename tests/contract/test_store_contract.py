@@ -9,10 +9,11 @@ that. A PostgreSQL backend is one more entry (e.g. a schema named after tmp_path
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from store_helpers import add_image
 
 from imgapi_core.store import (
     JOB_KINDS,
@@ -71,31 +72,6 @@ async def store(make_store: StoreFactory) -> Store:
 
 def sha_of(i: int) -> str:
     return f"{i:064x}"
-
-
-async def add_image(
-    store: Store,
-    image_id: str,
-    sha256: str = SHA,
-    processed_at: str | None = None,
-    jobs: Mapping[str, tuple[str, str | None]] | None = None,
-) -> bool:
-    stamp = processed_at or now_iso()
-    return await store.record_success(
-        NewUpload(
-            image_id=image_id,
-            original_name=f"{image_id}.jpg",
-            processed_at=stamp,
-            start_time=stamp,
-            original_key=f"originals/{image_id}.jpg",
-            sha256=sha256,
-            width=4,
-            height=3,
-            format="jpeg",
-            size_bytes=100,
-            jobs=dict.fromkeys(JOB_KINDS, ("queued", None)) if jobs is None else jobs,
-        )
-    )
 
 
 async def add_failure(store: Store, image_id: str, processed_at: str | None = None) -> None:

@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from store_helpers import add_image
 
-from imgapi_core.store import JOB_KINDS, NewUpload, NotWritable, now_iso
+from imgapi_core.store import NotWritable, now_iso
 from imgapi_core.store import sqlite as sqlite_store
 from imgapi_core.store.sqlite import SqliteStore as Store
 
@@ -80,31 +81,6 @@ async def opened(path: Path) -> AsyncIterator[Store]:
 def rows(path: Path, sql: str, *params: Any) -> list[tuple]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         return conn.execute(sql, params).fetchall()
-
-
-async def add_image(
-    s: Store,
-    image_id: str,
-    sha256: str = SHA,
-    processed_at: str | None = None,
-    jobs: Mapping[str, tuple[str, str | None]] | None = None,
-) -> bool:
-    stamp = processed_at or now_iso()
-    return await s.record_success(
-        NewUpload(
-            image_id=image_id,
-            original_name=f"{image_id}.jpg",
-            processed_at=stamp,
-            start_time=stamp,
-            original_key=f"originals/{image_id}.jpg",
-            sha256=sha256,
-            width=4,
-            height=3,
-            format="jpeg",
-            size_bytes=100,
-            jobs=dict.fromkeys(JOB_KINDS, ("queued", None)) if jobs is None else jobs,
-        )
-    )
 
 
 # -- schema and pragmas -------------------------------------------------------------------------
