@@ -86,7 +86,23 @@ class Runtime:
     async def run(self, kind: str, sha256: str) -> str:
         """Claims, runs and records one job; returns what happened (arq keeps it in its log)."""
         cfg = self.settings
-        job = await self.store.claim_job(sha256, kind, self.runner_id, cfg.job_lease_seconds)
+        claim = asyncio.ensure_future(
+            self.store.claim_job(sha256, kind, self.runner_id, cfg.job_lease_seconds)
+        )
+        try:
+            job = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # Cancelled (shutdown, arq's timeout) while the claim ran: the store finishes a
+            # write it has begun, so the job may be ours now. Handed back at once, or it would
+            # sit as running until its lease lapsed, and count as a runner that died.
+            with contextlib.suppress(Exception):
+                if await asyncio.shield(claim) is not None:
+                    await asyncio.shield(
+                        self.store.retry_job(
+                            sha256, kind, self.runner_id, "interrupted before it started", 0
+                        )
+                    )
+            raise
         if job is None:
             current = await self.store.job_state(sha256, kind)
             return f"not run: {current.state if current else 'no such job'}"

@@ -191,6 +191,35 @@ async def test_done_job_is_not_run_again_and_a_forced_rerun_is_identical(
     assert job_rows(cfg, sha256)["thumbnail"]["attempts"] == 2
 
 
+async def test_a_job_cancelled_while_its_claim_commits_is_handed_back(
+    quiet_app: Sanic, runtime: jobs.Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown (or arq's timeout) cancels a run while the store commits its claim: the store
+    finishes the write, so the job is the runner's; it must be queued again at once, not left
+    running until its lease lapses (counted as a runner that died)."""
+    cfg = quiet_app.ctx.settings
+    client = SanicASGITestClient(quiet_app)
+    sha256 = (await upload(client, photo_bytes(SMALL_PHOTO)))["data"]["metadata"]["sha256"]
+    store = quiet_app.ctx.store
+    real_claim = store.claim_job
+    claiming = asyncio.Event()
+
+    async def slow_claim(*args: Any) -> Any:
+        claiming.set()
+        await asyncio.sleep(0.2)  # the cancellation lands here; the claim still commits
+        return await real_claim(*args)
+
+    monkeypatch.setattr(store, "claim_job", slow_claim)
+    run = asyncio.create_task(runtime.run("thumbnail", sha256))
+    await claiming.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    row = job_rows(cfg, sha256)["thumbnail"]
+    assert (row["state"], row["error"]) == ("queued", "interrupted before it started")
+    assert row["runner"] is None
+
+
 async def test_transient_error_backs_off_then_fails_keeping_the_last_error(
     quiet_app: Sanic, runtime: jobs.Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
