@@ -22,12 +22,13 @@ from imgapi_core.housekeeping import sweep_at_start
 from imgapi_core.media import open_media
 from imgapi_core.pipeline import MULTIPART_OVERHEAD, Pipeline
 from imgapi_core.routes import images, json_response, media, system
+from imgapi_core.routes import jobs as job_routes
 from imgapi_core.settings import Settings
 from imgapi_core.store import open_store
 
 log = logging.getLogger("imgapi")
 
-BLUEPRINTS = (images.bp, media.bp, system.bp)
+BLUEPRINTS = (images.bp, job_routes.bp, media.bp, system.bp)
 
 
 async def open_resources(app: Sanic) -> None:

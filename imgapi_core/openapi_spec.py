@@ -160,6 +160,25 @@ SCHEMAS: dict[str, Any] = {
             "jobs": {"type": "object", "additionalProperties": {"type": "integer"}},
         },
     },
+    "JobRetry": {
+        "type": "object",
+        "required": ["image_id", "kind", "state", "attempts"],
+        "properties": {
+            "image_id": {"type": "string"},
+            "kind": {"type": "string", "enum": ["thumbnail", "exif", "caption"]},
+            "state": {"type": "string", "enum": ["queued"]},
+            "attempts": {"type": "integer", "minimum": 0},
+        },
+    },
+    "JobsRetried": {
+        "type": "object",
+        "required": ["kind", "state", "retried"],
+        "properties": {
+            "kind": {"type": "string"},
+            "state": {"type": "string"},
+            "retried": {"type": "integer", "minimum": 0},
+        },
+    },
     "Health": {
         "type": "object",
         "required": ["status", "database"],
@@ -350,6 +369,54 @@ PATHS: dict[str, Any] = {
             },
         },
     },
+    "/api/images/{image_id}/jobs/{kind}/retry": {
+        "parameters": [
+            _IMAGE_ID,
+            {
+                "name": "kind",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "enum": ["thumbnail", "exif", "caption"]},
+            },
+        ],
+        "post": {
+            "operationId": "retry_job",
+            "summary": "Run a failed or skipped job again (attempts reset, the normal path)",
+            "responses": {
+                "202": _json("JobRetry", "queued again"),
+                "400": _error("unknown kind"),
+                "404": _error("no stored image with this id"),
+                "409": _error("the job is not failed or skipped"),
+            },
+        },
+    },
+    "/api/jobs/retry": {
+        "post": {
+            "operationId": "retry_jobs",
+            "summary": "Run every failed (or skipped) job of a kind again",
+            "parameters": [
+                {
+                    "name": "kind",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["thumbnail", "exif", "caption"]},
+                },
+                {
+                    "name": "state",
+                    "in": "query",
+                    "schema": {
+                        "type": "string",
+                        "enum": ["failed", "skipped"],
+                        "default": "failed",
+                    },
+                },
+            ],
+            "responses": {
+                "200": _json("JobsRetried", "how many were queued again"),
+                "400": _error("unknown kind or state"),
+            },
+        },
+    },
     "/api/stats": {
         "get": {
             "operationId": "stats",
@@ -381,6 +448,8 @@ ACCESS: dict[str, str | None] = {
     "get_original": "read",
     "stats": "read",
     "healthz": None,
+    "retry_job": "admin",
+    "retry_jobs": "admin",
 }
 
 SECURITY_SCHEMES = {

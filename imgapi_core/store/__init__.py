@@ -189,6 +189,13 @@ class Store(Protocol):
         self, sha256: str, kind: str, runner: str, error: str, delay_s: float
     ) -> bool: ...
     async def skip_queued(self, kind: str, reason: str) -> int: ...
+    async def requeue_jobs(
+        self, kind: str, states: Iterable[str], sha256: str | None = None
+    ) -> list[Job]:
+        """Jobs of `kind` in one of `states` (of one image's bytes, or all) queued again with
+        their attempts reset; their uploads count as processing again. Returns them."""
+        ...
+
     async def due_jobs(self, limit: int, updated_before: str | None = None) -> list[Job]: ...
     async def release_lapsed(
         self, max_attempts: int, backoff_s: Callable[[int], float]

@@ -695,6 +695,38 @@ class SqliteStore:
 
         return await self.write(txn)
 
+    async def requeue_jobs(
+        self, kind: str, states: Iterable[str], sha256: str | None = None
+    ) -> list[Job]:
+        wanted = [state for state in states if state in FINISHED]
+        if not wanted:
+            return []
+
+        def txn(conn: sqlite3.Connection) -> list[Job]:
+            stamp = now_iso()
+            sql = (
+                "UPDATE jobs SET state = 'queued', attempts = 0, lapses = 0, error = NULL,"
+                " run_after = 0, lease_until = NULL, runner = NULL, started_at = NULL,"
+                " finished_at = NULL, updated_at = ?"
+                f" WHERE kind = ? AND state IN ({','.join('?' * len(wanted))})"
+            )
+            params: list[Any] = [stamp, kind, *wanted]
+            if sha256 is not None:
+                sql += " AND sha256 = ?"
+                params.append(sha256)
+            jobs = [
+                Job(*row) for row in conn.execute(sql + " RETURNING sha256, kind, attempts", params)
+            ]
+            # Their uploads are processing again: the stats rows close when these jobs finish.
+            conn.executemany(
+                "UPDATE stats SET end_time = NULL WHERE image_id IN"
+                " (SELECT image_id FROM images WHERE metadata_sha256 = ?)",
+                [(job.sha256,) for job in jobs],
+            )
+            return jobs
+
+        return await self.write(txn)
+
     async def due_jobs(self, limit: int, updated_before: str | None = None) -> list[Job]:
         """Queued jobs a runner may take now. `updated_before` keeps only jobs untouched since
         then (RFC 3339)."""

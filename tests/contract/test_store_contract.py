@@ -621,3 +621,33 @@ async def test_a_lapsed_job_backs_off_before_it_is_due_again(store):
     assert {j.kind for j in await store.due_jobs(10)} == {"thumbnail", "caption"}
     assert await store.claim_job(SHA, "exif", "next", 30) is None
     assert await store.release_lapsed(5, lambda attempts: 3600) == []  # counted once
+
+
+async def test_requeue_puts_finished_jobs_back_with_attempts_reset(store):
+    for i in range(3):
+        await add_image(store, f"img{i}", sha256=sha_of(i))
+    for i in range(3):
+        for kind in ("thumbnail", "exif", "caption"):
+            assert await store.claim_job(sha_of(i), kind, "r", 30)
+            failed = kind == "exif" and i < 2
+            state, error = ("failed", "boom") if failed else ("done", None)
+            assert await store.finish_job(sha_of(i), kind, "r", state, error)
+    assert (await store.stats()).processing == 0
+    # One image's job only, and only from the states asked for.
+    assert await store.requeue_jobs("exif", ("failed",), sha_of(2)) == []  # it is done
+    (one,) = await store.requeue_jobs("exif", ("failed",), sha_of(0))
+    assert (one.sha256, one.kind, one.attempts) == (sha_of(0), "exif", 0)
+    state = await store.job_state(sha_of(0), "exif")
+    assert (state.state, state.attempts, state.error, state.runner) == ("queued", 0, None, None)
+    assert (await store.stats()).processing == 1  # its upload is processing again
+    assert [job.sha256 for job in await store.due_jobs(10)] == [sha_of(0)]
+    # Every failed job of a kind.
+    assert [job.sha256 for job in await store.requeue_jobs("exif", ("failed",))] == [sha_of(1)]
+    assert await store.requeue_jobs("exif", ("queued", "running")) == []  # not finished states
+    assert (await store.stats()).processing == 2
+    # Run again through the normal path, they close their uploads' stats once more.
+    for i in (0, 1):
+        job = await store.claim_job(sha_of(i), "exif", "r", 30)
+        assert job is not None and job.attempts == 1
+        assert await store.finish_job(sha_of(i), "exif", "r", "done")
+    assert (await store.stats()).processing == 0
