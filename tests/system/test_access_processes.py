@@ -158,7 +158,7 @@ def test_auth_auto_is_open_on_loopback_and_keys_elsewhere(
 ) -> None:
     address = non_loopback_address()
     if address is None:
-        pytest.skip("this machine has no non-loopback address")
+        pytest.skip("optional: this machine has no non-loopback address")
     loopback_env = env_for(tmp_path / "lo", AUTH="auto")
     outside_env = env_for(tmp_path / "out", AUTH="auto")
     loopback = start_server(loopback_env, tmp_path / "lo.log")
@@ -183,7 +183,7 @@ def test_auth_open_on_a_non_loopback_address_warns_and_serves(
 ) -> None:
     address = non_loopback_address()
     if address is None:
-        pytest.skip("this machine has no non-loopback address")
+        pytest.skip("optional: this machine has no non-loopback address")
     env = env_for(tmp_path, AUTH="open")
     server = start_server(env, tmp_path / "open.log", host=address)
     procs_to_stop.append(server)
