@@ -15,7 +15,7 @@ from sanic_ext import openapi
 
 from imgapi_core import openapi_spec, records
 from imgapi_core import settings as settings_mod
-from imgapi_core.access.guard import SIGNED_ROUTES, open_guard
+from imgapi_core.access.guard import is_image_route, open_guard
 from imgapi_core.background import Jobs
 from imgapi_core.errors import ClientError
 from imgapi_core.housekeeping import sweep_at_start
@@ -129,7 +129,7 @@ MEDIA_HEADERS = {"Content-Security-Policy": "default-src 'none'; sandbox"}
 async def security_headers(request: Request, response: HTTPResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     route = request.route
-    if route is not None and route.name.split(".", 1)[-1] in SIGNED_ROUTES:
+    if route is not None and is_image_route(route.name):
         for name, value in MEDIA_HEADERS.items():
             response.headers.setdefault(name, value)
 

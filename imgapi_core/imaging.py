@@ -70,8 +70,12 @@ class ImageInfo:
 
     @property
     def display_size(self) -> tuple[int, int]:
-        """The size the image is shown at: orientations 5-8 turn it by 90 degrees."""
-        return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
+        return display_size(self.width, self.height, self.orientation)
+
+
+def display_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """The size an image is shown at: orientations 5-8 turn it by 90 degrees."""
+    return (height, width) if orientation >= 5 else (width, height)
 
 
 # --- names, content types, magic bytes -------------------------------------------------------
@@ -104,11 +108,6 @@ def check_name_and_type(
         raise ClientError(
             415, f'content type "{_shown(mime)}" is not allowed (allowed: {allowed_mime})'
         )
-
-
-def sniff_format(head: bytes) -> str | None:
-    fmt = formats.sniff(head)
-    return fmt.name if fmt else None
 
 
 # --- validation -------------------------------------------------------------------------------

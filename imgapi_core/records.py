@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from imgapi_core.imaging import THUMB_SIZES
+from imgapi_core.imaging import THUMB_SIZES, display_size
 from imgapi_core.store import JOB_KINDS, JobState, Record
 
 
@@ -50,13 +50,13 @@ def record(rec: Record, jobs: Mapping[str, JobState], url: Url) -> dict:
         return {"status": "failed", "data": data, "thumbnails": {}, "error": rec.error}
     exif = rec.exif_json
     orientation = rec.orientation or 1
-    turned = orientation >= 5  # 5-8 turn the image by 90 degrees
+    # The size it is shown at: a phone photo stored 4000x3000 with orientation 6 is 3000x4000.
+    shown = display_size(rec.width or 0, rec.height or 0, orientation)
     data["metadata"] = {
         "width": rec.width,
         "height": rec.height,
-        # The size it is shown at: a phone photo stored 4000x3000 with orientation 6 is 3000x4000.
-        "display_width": rec.height if turned else rec.width,
-        "display_height": rec.width if turned else rec.height,
+        "display_width": shown[0],
+        "display_height": shown[1],
         "orientation": orientation,
         "frames": rec.frames or 1,
         "format": rec.format,

@@ -25,6 +25,13 @@ OPEN, KEYS = "open", "keys"
 URL_SECRET = "url-signing"
 # The routes whose URLs are signed in records and which accept such a URL instead of a key.
 SIGNED_ROUTES = ("media.get_thumbnail", "media.get_original")
+
+
+def is_image_route(route_name: str) -> bool:
+    """Whether a route (Sanic's "app.blueprint.name") serves image bytes."""
+    return route_name.split(".", 1)[-1] in SIGNED_ROUTES
+
+
 # Routes that others register (sanic-ext's /docs): public, as the API's description.
 PUBLIC_PREFIXES = ("openapi.",)
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -118,11 +125,7 @@ class Guard:
         if needed == scopes.READ and self.settings.public_read:
             return None
         args = request.args
-        if (
-            needed == scopes.READ
-            and name.split(".", 1)[-1] in SIGNED_ROUTES
-            and ("sig" in args or "exp" in args)
-        ):
+        if needed == scopes.READ and is_image_route(name) and ("sig" in args or "exp" in args):
             verdict = self.signer.verify(request.path, args.get("exp"), args.get("sig"))
             if verdict == VALID:
                 request.ctx.caller = Caller(signed_exp=args.get("exp"))
@@ -193,7 +196,8 @@ def refuse(request: Request, status: int, message: str) -> HTTPResponse:
 async def open_guard(store: Store, settings: Settings, host: str | None, unix: bool) -> Guard:
     mode = resolve_mode(settings.auth, host, unix)
     keys = KeyCache(store)
-    await keys.start()
+    if mode == KEYS:  # open mode checks no key: nothing to load or keep fresh
+        await keys.start()
     secret = settings.url_secret or await store.secret(URL_SECRET, _new_secret)
     limiter = None
     if settings.upload_rate_limit:

@@ -196,3 +196,35 @@ def test_the_settings_know_the_formats_of_the_table():
     assert set(settings.INPUT_FORMATS) == set(formats.ALL_NAMES)
     assert set(settings.OUTPUT_FORMATS) == set(imaging.THUMB_ENCODERS)
     assert set(formats.THUMB_CONTENT_TYPES) == set(imaging.THUMB_ENCODERS)
+
+
+def _thumb(path: Path) -> Image.Image:
+    return Image.open(io.BytesIO(imaging.render_thumbnails(path, {"t": 64})["t"])).convert("RGB")
+
+
+def test_colours_come_out_right_in_the_new_formats(tmp_path):
+    """CMYK and 16-bit TIFF, palette GIF and WebP with transparency (alpha lands on white)."""
+    red_cmyk = Image.new("CMYK", (80, 60), (0, 255, 255, 0))
+    red_cmyk.save(tmp_path / "cmyk.tif", "TIFF")
+    grey16 = Image.new("I;16", (80, 60), 32768)  # mid-grey on 16 bits
+    grey16.save(tmp_path / "grey16.tif", "TIFF")
+    clear = Image.new("RGBA", (80, 60), (0, 0, 0, 0))
+    clear.paste((30, 60, 200, 255), (0, 0, 40, 60))  # left half blue, right half transparent
+    clear.save(tmp_path / "alpha.webp", "WEBP", lossless=True)
+    _transparent_gif(tmp_path / "alpha.gif")
+
+    r, g, b = _thumb(tmp_path / "cmyk.tif").getpixel((32, 30))
+    assert r > 200 and g < 60 and b < 60, (r, g, b)  # red, not inverted
+    grey = _thumb(tmp_path / "grey16.tif").getpixel((32, 30))
+    assert all(110 <= channel <= 145 for channel in grey), grey  # scaled, not clipped to white
+    for name in ("alpha.webp", "alpha.gif"):
+        thumb = _thumb(tmp_path / name)
+        assert thumb.getpixel((5, 30))[2] > 150, name  # the blue half
+        assert thumb.getpixel((60, 30)) == (255, 255, 255), name  # transparent: white
+
+
+def _transparent_gif(path: Path) -> None:
+    image = Image.new("P", (80, 60), 0)
+    image.putpalette([0, 0, 0, 30, 60, 200] + [0] * (254 * 3))
+    image.paste(1, (0, 0, 40, 60))
+    image.save(path, "GIF", transparency=0)

@@ -16,7 +16,7 @@ from conftest import CORPUS, corpus_folder, manifest
 from PIL import Image, ImageChops, ImageStat
 from PIL.TiffImagePlugin import IFDRational
 
-from imgapi_core import imaging
+from imgapi_core import formats, imaging
 from imgapi_core.errors import ClientError
 
 MAX_PIXELS = 50_000_000
@@ -166,7 +166,8 @@ def test_rejected_survives_pickle() -> None:
     ],
 )
 def test_sniff_format(head: bytes, expected: str | None) -> None:
-    assert imaging.sniff_format(head) == expected
+    sniffed = formats.sniff(head)
+    assert (sniffed.name if sniffed else None) == expected
 
 
 # --- validation against the corpus ---------------------------------------------------------------

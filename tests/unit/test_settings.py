@@ -115,6 +115,16 @@ def test_values_are_normalised():
         ("SWEEP_SECONDS", "nan"),
         ("PUBLIC_URL", "ftp://x"),
         ("JOB_CONCURRENCY", ""),
+        ("AUTH", "password"),
+        ("PUBLIC_READ", "maybe"),
+        ("SIGNED_URL_TTL", "0"),
+        ("UPLOAD_RATE_LIMIT", "fast"),
+        ("CORS_ORIGINS", "app.example"),
+        ("ALLOWED_FORMATS", "jpeg,bmp"),
+        ("ALLOWED_FORMATS", ","),
+        ("MAX_FRAMES", "0"),
+        ("THUMB_FORMATS", "webp"),  # JPEG is what `*/*` gets: always made
+        ("THUMB_FORMATS", "jpeg,png"),
     ],
 )
 def test_bad_value_raises_settings_error_naming_the_setting(name, value):
