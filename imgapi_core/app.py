@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,17 +19,21 @@ from imgapi_core import settings as settings_mod
 from imgapi_core.access.guard import is_image_route, open_guard
 from imgapi_core.background import Jobs
 from imgapi_core.errors import ClientError
+from imgapi_core.events.hub import EventHub
+from imgapi_core.events.notify import RedisNotifier, channel_name
 from imgapi_core.housekeeping import sweep_at_start
 from imgapi_core.media import open_media
 from imgapi_core.pipeline import MULTIPART_OVERHEAD, Pipeline
-from imgapi_core.routes import images, json_response, media, system
+from imgapi_core.routes import events, images, json_response, media, system, urls_on
 from imgapi_core.routes import jobs as job_routes
+from imgapi_core.routes import webhooks as webhook_routes
 from imgapi_core.settings import Settings
 from imgapi_core.store import open_store
+from imgapi_core.webhooks import WebhookSender
 
 log = logging.getLogger("imgapi")
 
-BLUEPRINTS = (images.bp, job_routes.bp, media.bp, system.bp)
+BLUEPRINTS = (images.bp, job_routes.bp, media.bp, system.bp, events.bp, webhook_routes.bp)
 
 
 async def open_resources(app: Sanic) -> None:
@@ -58,8 +63,23 @@ async def open_resources(app: Sanic) -> None:
         host, unix = bind_address(app)
         app.ctx.guard = await open_guard(app.ctx.store, cfg, host, unix)
         await sweep_at_start(app.ctx.store, app.ctx.media, cfg.tmp_dir)
+        # Before the jobs start: their first events are followed like every later one.
+        notifier = (
+            RedisNotifier(cfg.redis_url, channel_name(cfg.arq_queue)) if cfg.redis_url else None
+        )
+        app.ctx.events = EventHub(app.ctx.store, notifier, keep_s=cfg.events_keep_seconds)
+        await app.ctx.events.start()
         app.ctx.jobs = Jobs(cfg, app.ctx.store, app.ctx.media)
         await app.ctx.jobs.start()
+        if cfg.webhook_url:
+            app.ctx.webhooks = WebhookSender(
+                cfg,
+                app.ctx.store,
+                app.ctx.events,
+                urls_on(service_base_url(app), app.ctx.guard),
+                f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+            )
+            await app.ctx.webhooks.start()
         app.ctx.pipeline = Pipeline(cfg, app.ctx.store, app.ctx.media, app.ctx.cpu, app.ctx.jobs)
     except BaseException:
         try:
@@ -69,11 +89,16 @@ async def open_resources(app: Sanic) -> None:
         raise
 
 
-async def stop_uploads(app: Sanic) -> None:
-    """Uploads cancelled from now on are recorded as cut short by the shutdown."""
+async def begin_shutdown(app: Sanic) -> None:
+    """Uploads cancelled from now on are recorded as cut short by the shutdown; event streams end
+    and waiters answer, rather than hold the server until its graceful-shutdown timeout."""
+    app.ctx.stopping = True
     pipeline = getattr(app.ctx, "pipeline", None)
     if pipeline is not None:
         pipeline.begin_shutdown()
+    events = getattr(app.ctx, "events", None)
+    if events is not None:
+        events.end_all()
 
 
 async def close_resources(app: Sanic) -> None:
@@ -81,9 +106,10 @@ async def close_resources(app: Sanic) -> None:
     if pipeline is not None:
         # Records of uploads cancelled by the shutdown, before the store closes.
         await pipeline.drain()
-    jobs = getattr(app.ctx, "jobs", None)
-    if jobs is not None:
-        await jobs.close()
+    for name in ("webhooks", "jobs", "events"):
+        resource = getattr(app.ctx, name, None)
+        if resource is not None:
+            await resource.close()
     for name in ("guard", "store", "media"):
         resource = getattr(app.ctx, name, None)
         if resource is not None:
@@ -91,6 +117,21 @@ async def close_resources(app: Sanic) -> None:
     cpu = getattr(app.ctx, "cpu", None)
     if cpu is not None:
         cpu.shutdown(wait=True, cancel_futures=True)
+
+
+def service_base_url(app: Sanic) -> str:
+    """The base of URLs no request asked for (webhook bodies): PUBLIC_URL, else the address this
+    server listens on (a wildcard address as loopback)."""
+    cfg: Settings = app.ctx.settings
+    if cfg.public_url:
+        return cfg.public_url
+    host, unix = bind_address(app)
+    if unix or not host or host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    port = app.state.port or 8000
+    return f"http://{host}:{port}"
 
 
 def bind_address(app: Sanic) -> tuple[str | None, bool]:
@@ -124,6 +165,14 @@ async def guard_request(request: Request) -> HTTPResponse | None:
 # Images are served as what they are, never sniffed into something else, and a browser opening one
 # directly runs nothing (an SVG or HTML polyglot would otherwise run as this origin).
 MEDIA_HEADERS = {"Content-Security-Policy": "default-src 'none'; sandbox"}
+
+
+async def close_when_stopping(request: Request, response: HTTPResponse) -> None:
+    """Sanic closes the connections that are idle when a shutdown begins, then waits for the
+    others up to its graceful timeout: one that goes idle meanwhile (a waiter answered) would
+    hold the shutdown that long."""
+    if getattr(request.app.ctx, "stopping", False) and request.stream is not None:
+        request.stream.keep_alive = False
 
 
 async def security_headers(request: Request, response: HTTPResponse) -> None:
@@ -189,8 +238,9 @@ def create_app(settings: object = None, *, own_resources: bool = True) -> Sanic:
     app.error_handler.add(Exception, handle_error)
     app.on_request(guard_request, priority=100)
     app.on_response(security_headers)
+    app.on_response(close_when_stopping)
     if own_resources:
         app.before_server_start(open_resources)
-        app.before_server_stop(stop_uploads)
+        app.before_server_stop(begin_shutdown)
         app.after_server_stop(close_resources)
     return app

@@ -10,12 +10,12 @@ The same job functions run three ways:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from arq.worker import Worker
 
 from imgapi_core import dispatch
+from imgapi_core.cancelling import bounded, cancel_all
 from imgapi_core.media import Media
 from imgapi_core.runtime import CAPTIONS_OFF, Runtime, retry_delay
 from imgapi_core.settings import Settings
@@ -61,6 +61,12 @@ class Jobs:
                 self.store, self.runtime.run, job_slots(cfg), idle_s=cfg.sweep_seconds
             )
             self.local.start()
+        if self.runtime is not None and cfg.captions_enabled:
+            # As the worker does: the model loads in the captioner's thread while the API
+            # serves, and a model that cannot load is logged once, with what to do about it.
+            self._background.append(
+                asyncio.create_task(self.runtime.preload_captioner(), name="imgapi-caption-preload")
+            )
         min_age = max(5.0, cfg.sweep_seconds * 2)
         self._background.append(
             asyncio.create_task(
@@ -140,16 +146,13 @@ class Jobs:
         return await self.queue.ping() if self.queue is not None else None
 
     async def close(self) -> None:
-        tasks = [*self._background, *self._tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all([*self._background, *self._tasks])
         if self._worker is not None:
             # Running jobs are interrupted; run() puts them back to queued for the next start.
-            for task in list(self._worker.tasks.values()):
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await self._worker.close()
+            await cancel_all(list(self._worker.tasks.values()))
+            # It deletes its health key through a patient connection: with Redis gone that
+            # would retry for ever.
+            await bounded(self._worker.close(), 5.0, "stopping the in-process arq worker")
         if self.local is not None:
             await self.local.close()
         if self.runtime is not None:

@@ -62,7 +62,12 @@ _JOB = {
     "type": "object",
     "required": ["state", "attempts"],
     "properties": {
-        "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "skipped"]},
+        "state": {
+            "type": "string",
+            "enum": ["queued", "running", "done", "failed", "skipped", "unavailable"],
+            "description": "unavailable: it could not run here (captioning not installed, no"
+            " model); error says why",
+        },
         "attempts": {"type": "integer", "minimum": 0},
         "error": _NULLABLE_STRING,
     },
@@ -114,6 +119,10 @@ SCHEMAS: dict[str, Any] = {
                 "description": "absolute URL of the original (signed in keys mode)",
             },
             "jobs": {"$ref": "#/components/schemas/Jobs"},
+            "ready": {
+                "type": "boolean",
+                "description": "every job finished (done, failed, skipped or unavailable)",
+            },
         },
     },
     "Record": {
@@ -175,9 +184,67 @@ SCHEMAS: dict[str, Any] = {
         "required": ["kind", "state", "retried"],
         "properties": {
             "kind": {"type": "string"},
-            "state": {"type": "string"},
+            "state": {"type": "string", "description": "the states retried, comma-separated"},
             "retried": {"type": "integer", "minimum": 0},
         },
+    },
+    "WebhookEvent": {
+        "type": "object",
+        "description": "the event a delivery is for, as the SSE stream sends it",
+        "required": ["id", "type", "image_id", "kind", "state", "error", "at"],
+        "properties": {
+            "id": {"type": "integer", "minimum": 1},
+            "type": {"type": "string", "enum": ["image.ready", "job.failed"]},
+            "image_id": {"type": "string"},
+            "kind": {**_NULLABLE_STRING, "description": "job.failed: the job's kind"},
+            "state": _NULLABLE_STRING,
+            "error": _NULLABLE_STRING,
+            "at": {"type": "string", "description": "RFC 3339, UTC"},
+        },
+    },
+    "Delivery": {
+        "type": "object",
+        "description": "one event to one WEBHOOK_URL; never the body sent, never the secret",
+        "required": [
+            "delivery_id",
+            "event",
+            "url",
+            "state",
+            "attempts",
+            "next_attempt_at",
+            "last_status",
+            "last_error",
+            "created_at",
+            "delivered_at",
+        ],
+        "properties": {
+            "delivery_id": {
+                "type": "string",
+                "description": "X-Imgapi-Delivery, the same on every attempt",
+            },
+            "event": {"$ref": "#/components/schemas/WebhookEvent"},
+            "url": {"type": "string"},
+            "state": {"type": "string", "enum": ["pending", "delivering", "delivered", "failed"]},
+            "attempts": {"type": "integer", "minimum": 0},
+            "next_attempt_at": {
+                "type": "string",
+                "nullable": True,
+                "description": "RFC 3339, UTC; null unless pending",
+            },
+            "last_status": {
+                "type": "integer",
+                "nullable": True,
+                "description": "the last answer's HTTP status; null when none came",
+            },
+            "last_error": _NULLABLE_STRING,
+            "created_at": {"type": "string", "description": "RFC 3339, UTC"},
+            "delivered_at": _NULLABLE_STRING,
+        },
+    },
+    "DeliveriesRetried": {
+        "type": "object",
+        "required": ["retried"],
+        "properties": {"retried": {"type": "integer", "minimum": 0}},
     },
     "Health": {
         "type": "object",
@@ -192,12 +259,29 @@ SCHEMAS: dict[str, Any] = {
 
 _NOT_FOUND = _error("no image with this id")
 
+_WAIT = {
+    "name": "wait",
+    "in": "query",
+    "schema": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
+    "description": "seconds to wait for every job of the image to finish before answering"
+    " (data.ready says whether they did)",
+}
+
+_EVENT_STREAM = {
+    "text/event-stream": {
+        "schema": {"type": "string"},
+        "example": 'id: 42\nevent: image.ready\ndata: {"id":42,"type":"image.ready",'
+        '"image_id":"...","kind":null,"state":"ready","error":null,"at":"..."}\n\n',
+    }
+}
+
 PATHS: dict[str, Any] = {
     "/api/images": {
         "post": {
             "operationId": "upload",
             "summary": "Upload an image (JPEG, PNG, WebP, GIF, TIFF, AVIF, HEIC); failures are"
             " recorded too",
+            "parameters": [_WAIT],
             "requestBody": {
                 "required": True,
                 "content": {
@@ -217,7 +301,7 @@ PATHS: dict[str, Any] = {
                     ),
                     "headers": {"Location": {"schema": {"type": "string"}}},
                 },
-                "400": _error("not a valid image, or a malformed form"),
+                "400": _error("not a valid image, a malformed form, or a bad wait"),
                 "413": _error("file or pixel count over the limit"),
                 "408": _error("the body did not arrive in time (REQUEST_TIMEOUT, UPLOAD_TIMEOUT)"),
                 "415": _error("file type or content type not allowed"),
@@ -271,8 +355,13 @@ PATHS: dict[str, Any] = {
         "parameters": [_IMAGE_ID],
         "get": {
             "operationId": "get_image",
-            "summary": "One upload's record",
-            "responses": {"200": _json("Record", "the record"), "404": _NOT_FOUND},
+            "summary": "One upload's record; with ?wait=, once its jobs are finished",
+            "parameters": [_WAIT],
+            "responses": {
+                "200": _json("Record", "the record"),
+                "400": _error("bad wait"),
+                "404": _NOT_FOUND,
+            },
         },
         "delete": {
             "operationId": "delete_image",
@@ -381,19 +470,21 @@ PATHS: dict[str, Any] = {
         ],
         "post": {
             "operationId": "retry_job",
-            "summary": "Run a failed or skipped job again (attempts reset, the normal path)",
+            "summary": "Run a failed, skipped or unavailable job again (attempts reset, the normal"
+            " path)",
             "responses": {
                 "202": _json("JobRetry", "queued again"),
                 "400": _error("unknown kind"),
                 "404": _error("no stored image with this id"),
-                "409": _error("the job is not failed or skipped"),
+                "409": _error("the job is not failed, skipped or unavailable"),
             },
         },
     },
     "/api/jobs/retry": {
         "post": {
             "operationId": "retry_jobs",
-            "summary": "Run every failed (or skipped) job of a kind again",
+            "summary": "Run every job of a kind in the given states again (default: failed and"
+            " unavailable)",
             "parameters": [
                 {
                     "name": "kind",
@@ -404,10 +495,15 @@ PATHS: dict[str, Any] = {
                 {
                     "name": "state",
                     "in": "query",
+                    "description": (
+                        "which jobs to run again: failed, skipped or unavailable, or several of"
+                        " them comma-separated (e.g. failed,unavailable); the answer's state lists"
+                        " them in the order given, without repeats"
+                    ),
                     "schema": {
                         "type": "string",
-                        "enum": ["failed", "skipped"],
-                        "default": "failed",
+                        "pattern": "^(failed|skipped|unavailable)(,(failed|skipped|unavailable))*$",
+                        "default": "failed,unavailable",
                     },
                 },
             ],
@@ -415,6 +511,85 @@ PATHS: dict[str, Any] = {
                 "200": _json("JobsRetried", "how many were queued again"),
                 "400": _error("unknown kind or state"),
             },
+        },
+    },
+    "/api/events": {
+        "get": {
+            "operationId": "events",
+            "summary": "Live events as Server-Sent Events: image.uploaded, job.started,"
+            " job.queued, job.done, job.failed, image.ready, image.deleted",
+            "description": (
+                "Each event has an `id:` line; a client that reconnects with Last-Event-ID (or"
+                " ?after=) gets what it missed first (events are kept EVENTS_KEEP_SECONDS)."
+                " A comment line every EVENTS_HEARTBEAT_SECONDS keeps an idle stream open."
+            ),
+            "parameters": [
+                _header("Last-Event-ID", "the id of the last event received: resume after it"),
+                {
+                    "name": "after",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 0},
+                    "description": "as Last-Event-ID, for clients that cannot send headers",
+                },
+            ],
+            "responses": {
+                "200": {"description": "the stream (it does not end)", "content": _EVENT_STREAM},
+                "400": _error("Last-Event-ID or after is not an event id"),
+            },
+        },
+    },
+    "/api/webhooks/deliveries": {
+        "get": {
+            "operationId": "list_deliveries",
+            "summary": "Webhook deliveries, newest first; the next page is in the Link header",
+            "parameters": [
+                {
+                    "name": "state",
+                    "in": "query",
+                    "schema": {
+                        "type": "string",
+                        "enum": ["pending", "delivering", "delivered", "failed"],
+                    },
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                },
+                {
+                    "name": "cursor",
+                    "in": "query",
+                    "schema": {"type": "string"},
+                    "description": "from the previous page's Link header",
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "a page of deliveries",
+                    "headers": {
+                        "Link": {
+                            "schema": {"type": "string"},
+                            "description": '<url>; rel="next" when more remain',
+                        }
+                    },
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/Delivery"},
+                            }
+                        }
+                    },
+                },
+                "400": _error("bad state, limit or cursor"),
+            },
+        },
+    },
+    "/api/webhooks/deliveries/retry": {
+        "post": {
+            "operationId": "retry_deliveries",
+            "summary": "Send every failed webhook delivery again, attempts reset",
+            "responses": {"200": _json("DeliveriesRetried", "how many are pending again")},
         },
     },
     "/api/stats": {
@@ -450,6 +625,9 @@ ACCESS: dict[str, str | None] = {
     "healthz": None,
     "retry_job": "admin",
     "retry_jobs": "admin",
+    "events": "read",
+    "list_deliveries": "admin",
+    "retry_deliveries": "admin",
 }
 
 SECURITY_SCHEMES = {

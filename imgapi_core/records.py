@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from imgapi_core.imaging import THUMB_SIZES, display_size
-from imgapi_core.store import JOB_KINDS, JobState, Record
+from imgapi_core.store import JOB_KINDS, JobState, Record, all_finished
 
 
 def dumps(value: Any) -> bytes:
@@ -32,7 +32,11 @@ def job_states(jobs: Mapping[str, JobState]) -> dict[str, dict[str, Any]]:
         if job is None:
             continue
         state: dict[str, Any] = {"state": job.state, "attempts": job.attempts}
-        if job.state in ("failed", "skipped") or (job.state == "queued" and job.error):
+        # Why it ended without a result (an unavailable job: why captions cannot run), or why a
+        # queued job is being tried again.
+        if job.state in ("failed", "skipped", "unavailable") or (
+            job.state == "queued" and job.error
+        ):
             state["error"] = job.error
         out[kind] = state
     return out
@@ -46,7 +50,7 @@ def record(rec: Record, jobs: Mapping[str, JobState], url: Url) -> dict:
         "processed_at": rec.processed_at,
     }
     if rec.error is not None:
-        data.update(metadata={}, thumbnails={}, jobs={})
+        data.update(metadata={}, thumbnails={}, jobs={}, ready=True)
         return {"status": "failed", "data": data, "thumbnails": {}, "error": rec.error}
     exif = rec.exif_json
     orientation = rec.orientation or 1
@@ -71,6 +75,8 @@ def record(rec: Record, jobs: Mapping[str, JobState], url: Url) -> dict:
     data["thumbnails"] = thumbs
     data["original"] = url(f"/api/images/{rec.image_id}/original")
     data["jobs"] = job_states(jobs)
+    # Every job finished (done, failed, skipped, unavailable): nothing about it changes on its own.
+    data["ready"] = all_finished(jobs)
     return {"status": "success", "data": data, "thumbnails": thumbs, "error": None}
 
 

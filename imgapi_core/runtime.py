@@ -1,8 +1,9 @@
 """Running one job: claim it in the jobs table, do the work in a thread, record what happened.
 
 The jobs table is the truth: a job is claimed there (queued -> running, with a lease the runner
-keeps renewing), and finished there (done / failed with its error / queued again with a backoff).
-A job whose runner vanished is handed out again when its lease lapses.
+keeps renewing), and finished there (done / failed with its error / unavailable with its reason /
+queued again with a backoff). A job whose runner vanished is handed out again when its lease
+lapses.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from imgapi_core.thumbnails import OriginalGone, make_thumbnails
 log = logging.getLogger("imgapi.jobs")
 
 CAPTIONS_OFF = "captioning is off (CAPTION_MODEL=none)"
+RETRY_CAPTIONS = "POST /api/jobs/retry?kind=caption"
 
 
 def retry_delay(attempts: int) -> float:
@@ -39,6 +41,21 @@ def retry_delay(attempts: int) -> float:
 
 class PermanentError(Exception):
     """A job error that running the job again cannot fix."""
+
+
+class Unavailable(Exception):
+    """The job cannot run in this process at all (captioning not installed, no model): it ends
+    as `unavailable` with this reason. Not `failed`: nothing is wrong with the image, and its
+    record must not look broken; the bulk retry takes it once the operator fixed the cause."""
+
+
+def captions_unavailable_line(reason: str, retry_after_s: float) -> str:
+    """The one log line that says why captions cannot run here and what to do about it."""
+    return (
+        f"captions unavailable: {reason}; caption jobs end as 'unavailable' until this is fixed, "
+        f"then {RETRY_CAPTIONS} (a failed model load is tried again after "
+        f"CAPTION_RETRY_SECONDS={retry_after_s:g}s)"
+    )
 
 
 def _yield_cpu() -> None:
@@ -64,6 +81,9 @@ class Runtime:
         self._running: set[tuple[str, str]] = set()
         self._heartbeat: asyncio.Task | None = None
         self._captioner: Any = None
+        # The reason last logged by captions_unavailable(): every caption job ends with the same
+        # one, and a warning per job would bury the line that says what to fix.
+        self._unavailable_logged: str | None = None
 
     @property
     def captioner(self) -> Any:
@@ -82,6 +102,26 @@ class Runtime:
                 retry_after_s=cfg.caption_retry_seconds,
             )
         return self._captioner
+
+    def captions_unavailable(self, reason: str) -> None:
+        """Logs why this process cannot caption, once per reason rather than once per job."""
+        if reason == self._unavailable_logged:
+            return
+        self._unavailable_logged = reason
+        log.warning(captions_unavailable_line(reason, self.settings.caption_retry_seconds))
+
+    async def preload_captioner(self) -> None:
+        """Loads the caption model now (in the captioner's own thread, never on the event loop),
+        so the first caption job does not wait for it and the start-up log says at once when
+        captions cannot run. Never raises: it runs in the background of a start-up."""
+        from models.errors import CaptionError
+
+        try:
+            await self.captioner.load()
+        except CaptionError as exc:  # every load failure is a CaptionUnavailable
+            self.captions_unavailable(exc.message)
+        except Exception as exc:  # e.g. closed while starting: the first caption job tries again
+            log.warning("caption model not preloaded: %s: %s", type(exc).__name__, exc)
 
     async def run(self, kind: str, sha256: str) -> str:
         """Claims, runs and records one job; returns what happened (arq keeps it in its log)."""
@@ -119,6 +159,11 @@ class Runtime:
                 )
             )
             raise
+        except Unavailable as exc:
+            # Logged once by captions_unavailable(); no retries: the next try would fail the same
+            # way until the operator acts, and then retries the jobs.
+            await self.store.finish_job(sha256, kind, self.runner_id, "unavailable", str(exc))
+            return "unavailable"
         except PermanentError as exc:
             log.warning("%s job %s failed: %s", kind, sha256[:12], exc)
             await self.store.finish_job(sha256, kind, self.runner_id, "failed", str(exc))
@@ -174,12 +219,15 @@ class Runtime:
         elif kind == "caption":
             if not self.settings.captions_enabled:
                 return "skipped"
-            from models import CaptionError
+            from models.errors import CaptionError, CaptionUnavailable
 
             async with self._original(sha256) as path:
                 try:
                     caption = await self.captioner.caption(str(path))
-                except CaptionError as exc:
+                except CaptionUnavailable as exc:
+                    self.captions_unavailable(exc.message)
+                    raise Unavailable(exc.message) from None
+                except CaptionError as exc:  # this image's fault: it cannot be captioned
                     raise PermanentError(str(exc)) from None
             await self.store.set_caption(sha256, caption)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -146,6 +147,15 @@ def _origins(raw: str) -> tuple[str, ...]:
     return origins
 
 
+def _webhook_urls(raw: str) -> tuple[str, ...]:
+    urls = tuple(dict.fromkeys(u.strip() for u in raw.split(",") if u.strip()))
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+    return urls
+
+
 class Setting(NamedTuple):
     name: str
     default: str
@@ -236,7 +246,8 @@ class Settings:
     caption_retry_seconds: float = setting(
         "60",
         _positive_float,
-        "after a failed model load, caption jobs fail at once for this long before a new try",
+        "after a failed model load, caption jobs end as unavailable at once for this long before"
+        " a new try",
     )
     hf_token: str = setting("", _text, "Hugging Face token used by `python -m models download`")
     slow_callback_ms: int = setting(
@@ -277,6 +288,24 @@ class Settings:
     )
     cors_origins: tuple[str, ...] = setting(
         "", _origins, "origins allowed to call the API from a browser, comma-separated"
+    )
+    webhook_url: tuple[str, ...] = setting(
+        "", _webhook_urls, "http(s) URLs that get image.ready and job.failed, comma-separated"
+    )
+    webhook_secret: str = setting(
+        "", _text, "key of the X-Imgapi-Signature HMAC (required with WEBHOOK_URL)"
+    )
+    webhook_max_attempts: int = setting(
+        "8", _positive_int, "tries of one webhook delivery before it is marked failed"
+    )
+    webhook_timeout: float = setting(
+        "10", _positive_float, "seconds a webhook receiver has to answer"
+    )
+    events_heartbeat_seconds: float = setting(
+        "15", _positive_float, "an idle event stream gets a comment line this often"
+    )
+    events_keep_seconds: int = setting(
+        "86400", _positive_int, "how long events are kept for Last-Event-ID to resume from"
     )
 
     @property
@@ -352,6 +381,11 @@ def _check_combinations(values: Mapping[str, Any]) -> None:
         raise SettingsError(
             "WORKER='off' needs REDIS_URL: with REDIS_URL empty nothing would run the jobs "
             "(set REDIS_URL and run `arq jobs.WorkerSettings`, or use WORKER=inline)"
+        )
+
+    if values["webhook_url"] and not values["webhook_secret"]:
+        raise SettingsError(
+            "WEBHOOK_URL needs WEBHOOK_SECRET: receivers check each delivery's signature with it"
         )
 
 

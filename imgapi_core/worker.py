@@ -22,6 +22,7 @@ from arq.connections import RedisSettings
 
 from imgapi_core import dispatch
 from imgapi_core import settings as settings_mod
+from imgapi_core.events.notify import RedisNotifier, channel_name
 from imgapi_core.logs import setup_logging
 from imgapi_core.media import open_media
 from imgapi_core.runtime import Runtime, retry_delay
@@ -99,6 +100,10 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     media = await open_media(cfg)
     runtime = Runtime(cfg, store, media)
     queue = dispatch.ArqQueue(cfg.redis_url, cfg.arq_queue, redis=ctx["redis"])
+    # This worker's job events reach the API processes (waiters, streams, webhooks) through it.
+    notifier = RedisNotifier(cfg.redis_url, channel_name(cfg.arq_queue))
+    notifier.attach(store)
+    ctx["imgapi_notifier"] = notifier
     ctx["imgapi"] = runtime
     ctx["imgapi_store"] = store
     ctx["imgapi_media"] = media
@@ -117,20 +122,12 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     )
     if cfg.captions_enabled:
         # Loaded now rather than on the first job, in the background: a model that cannot load
-        # fails caption jobs with its error; it must not keep the worker from starting.
-        ctx["imgapi_preload"] = asyncio.create_task(_preload(runtime))
+        # must not keep the worker from starting. It logs once why captions are unavailable
+        # (caption jobs then end as 'unavailable' with that reason).
+        ctx["imgapi_preload"] = asyncio.create_task(runtime.preload_captioner())
     log.info(
         "worker %s started (queue %s, %d slots)", runtime.runner_id, cfg.arq_queue, job_slots(cfg)
     )
-
-
-async def _preload(runtime: Runtime) -> None:
-    from models import CaptionError
-
-    try:
-        await runtime.captioner.load()
-    except CaptionError as exc:
-        log.warning("caption model not loaded: %s", exc)
 
 
 async def worker_shutdown(ctx: dict[str, Any]) -> None:
@@ -143,7 +140,7 @@ async def worker_shutdown(ctx: dict[str, Any]) -> None:
     runtime = ctx.pop("imgapi", None)
     if runtime is not None:
         await runtime.close()
-    for name in ("imgapi_store", "imgapi_media"):
+    for name in ("imgapi_store", "imgapi_media", "imgapi_notifier"):
         resource = ctx.pop(name, None)
         if resource is not None:
             await resource.close()

@@ -5,7 +5,7 @@ they are imported when a model is loaded.
 """
 
 from models.captioner import Captioner
-from models.errors import NOT_INSTALLED, CaptionError
+from models.errors import NOT_INSTALLED, CaptionError, CaptionUnavailable
 
 # The default model is CAPTION_MODEL's default, declared once in imgapi_core.settings.
-__all__ = ["NOT_INSTALLED", "CaptionError", "Captioner"]
+__all__ = ["NOT_INSTALLED", "CaptionError", "CaptionUnavailable", "Captioner"]

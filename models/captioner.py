@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from models.batcher import MicroBatcher
-from models.errors import CaptionError, redact
+from models.errors import CaptionError, CaptionUnavailable, redact
 from models.images import shrink_for_caption
 from models.loader import DTYPES, LoadedBlip, load_blip, model_label
 
@@ -62,9 +62,14 @@ class Captioner:
         self._min_new_tokens = min_new_tokens
         self._loaded: LoadedBlip | None = None
         self._load_future: Future[LoadedBlip] | None = None
-        self._failure: tuple[str, float] | None = None  # (message, time.monotonic())
+        # (error class, message, time.monotonic()) of the last failed load: refusals during the
+        # retry window raise the same class, so callers tell "cannot caption here" the same way.
+        self._failure: tuple[type[CaptionError], str, float] | None = None
         self._loads = 0
         self._load_attempts = 0
+        # The last load failure logged at warning level: a new try after the retry window that
+        # fails the same way is logged at info, so a missing model is not one warning a minute.
+        self._failure_warned: str | None = None
         self._generate_calls = 0
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: MicroBatcher[Any, str] | None = None
@@ -94,10 +99,13 @@ class Captioner:
         return self._loaded.dtype if self._loaded else None
 
     async def load(self) -> None:
-        """Load now rather than on the first caption; CaptionError if it cannot. Idempotent."""
+        """Load now rather than on the first caption; CaptionUnavailable if it cannot.
+        Idempotent."""
         await self._ensure_loaded()
 
     async def caption(self, image_path: str | os.PathLike[str]) -> str:
+        """The caption of one image file. CaptionUnavailable when the model cannot be loaded
+        (no image would be captioned); CaptionError when this image cannot be."""
         loaded = await self._ensure_loaded()
         pixels = await asyncio.to_thread(_prepare, loaded, image_path)
         return await self._batcher_here().submit(pixels)
@@ -121,9 +129,9 @@ class Captioner:
         future = self._load_future
         if future is None or future.done():
             if self._failure is not None:
-                message, failed_at = self._failure
+                error_class, message, failed_at = self._failure
                 if time.monotonic() - failed_at < self._retry_after_s:
-                    raise CaptionError(message)
+                    raise error_class(message)
             self._load_attempts += 1
             future = self._load_future = self._torch_executor().submit(self._load_in_thread)
         # One load serves every caller, on any event loop; a caller that is cancelled while
@@ -135,9 +143,12 @@ class Captioner:
         try:
             loaded = load_blip(self.model, **self._load_options)
         except Exception as exc:
-            error = exc if isinstance(exc, CaptionError) else _unexpected(self.model, exc)
-            self._failure = (error.message, time.monotonic())
-            logger.warning(
+            error = _load_failure(self.model, exc)
+            self._failure = (type(error), error.message, time.monotonic())
+            repeated = error.message == self._failure_warned
+            self._failure_warned = error.message
+            logger.log(
+                logging.INFO if repeated else logging.WARNING,
                 "caption model %s failed to load in %.2fs: %s (cause: %r)",
                 self.model,
                 time.perf_counter() - started,
@@ -199,6 +210,12 @@ def _prepare(loaded: LoadedBlip, image_path: str | os.PathLike[str]) -> Any:
         raise CaptionError(f"cannot prepare image: {type(exc).__name__}: {exc}") from exc
 
 
-def _unexpected(model: str, exc: BaseException) -> CaptionError:
+def _load_failure(model: str, exc: BaseException) -> CaptionUnavailable:
+    """`exc` from loading as a CaptionUnavailable: whatever went wrong, a model that does not
+    load leaves no image captionable in this process."""
+    if isinstance(exc, CaptionUnavailable):
+        return exc
+    if isinstance(exc, CaptionError):
+        return CaptionUnavailable(exc.message)
     cause = redact(f"{type(exc).__name__}: {exc}", model if os.path.isdir(model) else None)
-    return CaptionError(f"caption model {model_label(model)!r} cannot be loaded: {cause}")
+    return CaptionUnavailable(f"caption model {model_label(model)!r} cannot be loaded: {cause}")

@@ -1,4 +1,4 @@
-"""The one error type the captioner raises to its callers."""
+"""The error types the captioner raises to its callers: CaptionError, and CaptionUnavailable."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ class CaptionError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class CaptionUnavailable(CaptionError):
+    """This process cannot caption at all: captioning is not installed, the model is not there
+    (or cannot be loaded), or the requested device is absent.
+
+    No image is at fault and another image would fare no better, so the job ends as
+    `unavailable` with this reason rather than `failed`, and is retried once the operator has
+    fixed the cause. A failure of one image (it cannot be decoded, generation fails) stays a
+    plain CaptionError.
+    """
 
 
 def redact(text: str, *paths: str | None) -> str:

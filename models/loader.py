@@ -2,6 +2,9 @@
 
 torch, transformers and huggingface_hub are imported here at load time only: they are the
 optional `caption` extra, and importing `models` must stay cheap without them.
+
+Every failure here is a CaptionUnavailable: a model that does not load leaves this process
+unable to caption any image, whatever the image.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from models.errors import NOT_INSTALLED, CaptionError, redact
+from models.errors import NOT_INSTALLED, CaptionUnavailable, redact
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
@@ -56,13 +59,14 @@ def load_blip(
     token: str | None = None,
     cache_dir: str | None = None,
 ) -> LoadedBlip:
-    """Load `model` (a local directory or a hub id already in the cache); CaptionError if not."""
+    """Load `model` (a local directory or a hub id already in the cache); CaptionUnavailable if
+    it cannot, with a reason that names no server path."""
     try:
         torch = importlib.import_module("torch")
         transformers = importlib.import_module("transformers")
         hub = importlib.import_module("huggingface_hub")
     except ImportError as exc:
-        raise CaptionError(NOT_INSTALLED) from exc
+        raise CaptionUnavailable(NOT_INSTALLED) from exc
 
     source, label = _locate(model, cache_dir, hub)
     resolved_device = resolve_device(device, torch)
@@ -71,10 +75,11 @@ def load_blip(
     transformers.utils.logging.disable_progress_bar()  # one "Loading weights" bar per worker
 
     options: dict[str, Any] = {"local_files_only": True, "token": token, "cache_dir": cache_dir}
+    local = source if os.path.isdir(source) else None
     try:
         config = transformers.AutoConfig.from_pretrained(source, **options)
         if config.model_type != "blip":
-            raise CaptionError(
+            raise CaptionUnavailable(
                 f"caption model {label!r} is a {config.model_type!r} model, not BLIP captioning"
             )
         processor = transformers.BlipProcessor.from_pretrained(source, backend="pil", **options)
@@ -82,22 +87,21 @@ def load_blip(
             source, dtype=getattr(torch, resolved_dtype), attn_implementation="eager", **options
         )
         _check_tokenizer(processor.tokenizer, config, label)
-    except CaptionError:
+    except CaptionUnavailable:
         raise
     except Exception as exc:  # JSON, safetensors, OSError, ValueError, ...
-        if not os.path.isdir(source) and _not_cached(exc, hub):
-            raise CaptionError(_not_cached_message(model)) from exc
-        local = source if os.path.isdir(source) else None
+        if local is None and _not_cached(exc, hub):
+            raise CaptionUnavailable(_not_cached_message(model)) from exc
         cause = redact(f"{type(exc).__name__}: {exc}", local, cache_dir, hub.constants.HF_HUB_CACHE)
-        raise CaptionError(
+        raise CaptionUnavailable(
             f"caption model {label!r} cannot be loaded: corrupt or missing files: {cause}"
         ) from exc
     try:
         blip = blip.to(resolved_device).eval()
     except Exception as exc:  # out of device memory, a broken driver, ...
-        raise CaptionError(
-            f"caption model {label!r} cannot be put on {resolved_device}: "
-            f"{type(exc).__name__}: {exc}"
+        cause = redact(f"{type(exc).__name__}: {exc}", local, cache_dir)
+        raise CaptionUnavailable(
+            f"caption model {label!r} cannot be put on {resolved_device}: {cause}"
         ) from exc
     size = processor.image_processor.size
     loaded = LoadedBlip(
@@ -113,17 +117,22 @@ def load_blip(
         width, height = loaded.input_size
         loaded.generate([torch.zeros(1, 3, height, width)], max_new_tokens=2, min_new_tokens=0)
     except Exception as exc:
-        raise CaptionError(
-            f"caption model {label!r} loads but cannot caption: {type(exc).__name__}: {exc}"
+        cause = redact(f"{type(exc).__name__}: {exc}", local, cache_dir)
+        raise CaptionUnavailable(
+            f"caption model {label!r} loads but cannot caption: {cause}"
         ) from exc
     return loaded
 
 
 def resolve_device(requested: str, torch: Any) -> str:
+    """The device to load on; CaptionUnavailable when the one asked for is not in this machine
+    (a setting of the process, not a fault of any image)."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise CaptionError(f"caption device {requested!r} was asked for but CUDA is not available")
+        raise CaptionUnavailable(
+            f"caption device {requested!r} was asked for but CUDA is not available"
+        )
     return requested
 
 
@@ -164,19 +173,27 @@ def model_label(model: str) -> str:
 
 
 def _locate(model: str, cache_dir: str | None, hub: Any) -> tuple[str, str]:
-    """(what from_pretrained gets, how messages name it); CaptionError when there is nothing."""
+    """(what from_pretrained gets, how messages name it); CaptionUnavailable when there is
+    nothing to load."""
     if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            # transformers says "Unrecognized model ... should have a `model_type` key" here,
+            # which hides the plain fact an operator acts on: the files are not there.
+            raise CaptionUnavailable(
+                f"caption model {model_label(model)!r} cannot be loaded: the folder has no "
+                "config.json (empty, not a model folder, or an unfinished copy)"
+            )
         return model, model_label(model)
     if _looks_like_path(model):
-        raise CaptionError(
+        raise CaptionUnavailable(
             f"caption model {model_label(model)!r} cannot be loaded: no such directory"
         )
     if not _HUB_ID.fullmatch(model):
-        raise CaptionError(
+        raise CaptionUnavailable(
             f"caption model {model!r} is neither a local directory nor a hub id (owner/name)"
         )
     if not isinstance(hub.try_to_load_from_cache(model, "config.json", cache_dir=cache_dir), str):
-        raise CaptionError(_not_cached_message(model))
+        raise CaptionUnavailable(_not_cached_message(model))
     return model, model
 
 
@@ -214,7 +231,7 @@ def _check_tokenizer(tokenizer: Any, config: Any, label: str) -> None:
     bos = tokenizer.convert_tokens_to_ids(tokenizer.bos_token) if tokenizer.bos_token else None
     wrong_start = text.bos_token_id is not None and bos != text.bos_token_id
     if wrong_start or len(tokenizer) < text.vocab_size // 2:
-        raise CaptionError(
+        raise CaptionUnavailable(
             f"caption model {label!r} cannot be loaded: corrupt or missing files: the tokenizer "
             f"({len(tokenizer)} tokens, start token {bos}) does not match the model "
             f"({text.vocab_size} tokens, start token {text.bos_token_id})"

@@ -16,6 +16,9 @@ from imgapi_core import app as imgapi_app
 from imgapi_core import settings as settings_mod
 from imgapi_core.media import thumbnail_key
 
+# The store backends and the fixtures that open them (make_store, store), for the contract tests.
+pytest_plugins = ["store_backends"]
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("IMGAPI_CORPUS", REPO.parent / "shared" / "corpus"))
 

@@ -15,7 +15,7 @@ from sanic_testing.testing import SanicASGITestClient
 
 from imgapi_core.settings import Settings
 
-FINISHED = ("done", "failed", "skipped")
+FINISHED = ("done", "failed", "skipped", "unavailable")
 # A small camera JPEG with EXIF (Make FUJIFILM), 1200x800: both thumbnail sizes are real resizes.
 SMALL_PHOTO = "fujifilm-x100f-seed.jpg"
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sanic import HTTPResponse, Request
 from sanic.response import raw
 
 from imgapi_core import records
+
+if TYPE_CHECKING:
+    from imgapi_core.access.guard import Guard
 
 
 def json_response(
@@ -28,8 +31,10 @@ def base_url(request: Request) -> str:
 def url_maker(request: Request) -> Callable[[str], str]:
     """Absolute URLs of this service's paths for answers; in keys mode (unless reads are public)
     image URLs are signed, so that they work in an <img> tag, which cannot send a key."""
-    base = base_url(request)
-    guard = request.app.ctx.guard
+    return urls_on(base_url(request), request.app.ctx.guard)
+
+
+def urls_on(base: str, guard: Guard) -> Callable[[str], str]:
     if not guard.signs_urls:
         return lambda path: base + path
     return lambda path: f"{base}{path}?{guard.signer.query(path)}"

@@ -11,6 +11,7 @@ from imgapi_core import records
 from imgapi_core.access import tokens
 from imgapi_core.access.scopes import DELETE, READ, UPLOAD, requires
 from imgapi_core.errors import ClientError
+from imgapi_core.events.wait import until_ready, wait_seconds
 from imgapi_core.numbers import whole_number
 from imgapi_core.routes import base_url, json_response, url_maker
 from imgapi_core.settings import Settings
@@ -47,6 +48,8 @@ async def body_chunks(request: Request) -> AsyncIterator[bytes]:
 @bp.post("/api/images", stream=True, name="upload")
 @requires(UPLOAD)
 async def upload(request: Request) -> HTTPResponse:
+    # Checked before the body is read: a bad parameter costs the client no upload.
+    wait = wait_seconds(request.args.get("wait"))
     outcome = await request.app.ctx.pipeline.ingest(
         body_chunks(request),
         request.headers.get("content-type"),
@@ -66,7 +69,9 @@ async def upload(request: Request) -> HTTPResponse:
             processed_at=outcome.processed_at,
         )
         return json_response(body, status=outcome.error.status)
-    record, jobs = await request.app.ctx.store.record_with_jobs(outcome.image_id)
+    record, jobs = await until_ready(
+        request.app.ctx.store, request.app.ctx.events, outcome.image_id, wait
+    )
     if record is None:  # deleted by another request before this answer was written
         raise ClientError(404, f"image {outcome.image_id!r} was deleted right after its upload")
     body = records.record(record, jobs, url_maker(request))
@@ -123,7 +128,8 @@ async def list_images(request: Request) -> HTTPResponse:
 @bp.get("/api/images/<image_id:str>", name="get_image")
 @requires(READ)
 async def get_image(request: Request, image_id: str) -> HTTPResponse:
-    record, jobs = await request.app.ctx.store.record_with_jobs(image_id)
+    wait = wait_seconds(request.args.get("wait"))
+    record, jobs = await until_ready(request.app.ctx.store, request.app.ctx.events, image_id, wait)
     if record is None:
         raise ClientError(404, f"no image with id {image_id!r}")
     return json_response(records.record(record, jobs, url_maker(request)))

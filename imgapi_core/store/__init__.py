@@ -18,8 +18,24 @@ if TYPE_CHECKING:
     from imgapi_core.settings import Settings
 
 JOB_KINDS = ("thumbnail", "exif", "caption")
-JOB_STATES = ("queued", "running", "done", "failed", "skipped")
-FINISHED = ("done", "failed", "skipped")
+JOB_STATES = ("queued", "running", "done", "failed", "skipped", "unavailable")
+# A job in one of these will not run again unless it is retried; an image whose jobs are all
+# finished is ready. "unavailable": it could not run here (captioning not installed, no model).
+FINISHED = ("done", "failed", "skipped", "unavailable")
+
+# What the event log records, in the transaction of the change it describes.
+EVENT_TYPES = (
+    "image.uploaded",  # state: success or failed (a failed upload is recorded too)
+    "image.ready",  # every job of the image is finished
+    "image.deleted",
+    "job.started",
+    "job.queued",  # queued again: a retry after an error, a lapsed runner, or a manual retry
+    "job.done",  # state: done, skipped or unavailable
+    "job.failed",
+)
+# The events a webhook delivery is made for.
+WEBHOOK_EVENTS = ("image.ready", "job.failed")
+DELIVERY_STATES = ("pending", "delivering", "delivered", "failed")
 
 
 @dataclass(frozen=True)
@@ -122,6 +138,51 @@ class ApiKey:
     revoked_at: str | None = None
 
 
+@dataclass(frozen=True)
+class Event:
+    """One row of the event log; ids grow in commit order."""
+
+    id: int
+    type: str
+    image_id: str
+    kind: str | None
+    state: str | None
+    error: str | None
+    at: str
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "image_id": self.image_id,
+            "kind": self.kind,
+            "state": self.state,
+            "error": self.error,
+            "at": self.at,
+        }
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook delivery: one event to one URL, retried until delivered or given up."""
+
+    delivery_id: str
+    event_id: int
+    event_type: str
+    image_id: str
+    url: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None
+    last_error: str | None
+    event_json: str
+    body: str | None
+    created_at: str
+    updated_at: str
+    delivered_at: str | None
+
+
 class KeyExists(ValueError):
     """A key of that name exists (and is not revoked)."""
 
@@ -131,6 +192,11 @@ class NotWritable(RuntimeError):
 
 
 JobsByImage = dict[str, dict[str, JobState]]
+
+
+def all_finished(jobs: Mapping[str, JobState]) -> bool:
+    """Whether an image is ready: none of its jobs is queued or running."""
+    return all(job.state in FINISHED for job in jobs.values())
 
 
 class Store(Protocol):
@@ -228,20 +294,77 @@ class Store(Protocol):
         """The hash of the upload's delete token; None when it has none (or no such image)."""
         ...
 
+    # events: every state change above writes its events (and, for WEBHOOK_EVENTS, one
+    # delivery per webhook URL) in its own transaction
+    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+        """`listener(last_event_id)` after each commit that added events. It may be called from
+        another thread and must not block."""
+        ...
+
+    async def events_after(self, after_id: int, limit: int) -> list[Event]:
+        """Events with ids above `after_id`, oldest first."""
+        ...
+
+    async def last_event_id(self) -> int: ...
+    async def prune_events(self, before: str) -> int:
+        """Removes events made before that time (RFC 3339), and deliveries delivered by then."""
+        ...
+
+    # webhook deliveries
+    async def claim_deliveries(self, runner: str, limit: int, lease_s: float) -> list[Delivery]:
+        """Due pending deliveries (and ones whose runner vanished) -> delivering, attempts + 1."""
+        ...
+
+    async def keep_delivery_body(self, delivery_id: str, runner: str, body: str) -> str | None:
+        """Keeps `body` as the delivery's body unless it has one; returns the body kept (None when
+        the delivery is no longer held by `runner`). Kept before the first send, so that every
+        attempt, even after a crash, sends the same bytes."""
+        ...
+
+    async def finish_delivery(
+        self,
+        delivery_id: str,
+        runner: str,
+        *,
+        state: str,
+        status: int | None,
+        error: str | None,
+        body: str,
+        retry_at: float = 0.0,
+    ) -> bool:
+        """delivered, failed, or pending again (due at `retry_at`); the body sent is kept, so
+        that a retry sends the same bytes."""
+        ...
+
+    async def deliveries(
+        self, *, state: str | None, limit: int, before: tuple[str, str] | None = None
+    ) -> list[Delivery]:
+        """Newest first; `before` is the (created_at, delivery_id) of the last one seen."""
+        ...
+
+    async def requeue_deliveries(self, state: str = "failed") -> int:
+        """Failed deliveries due again at once, with their attempts reset."""
+        ...
+
 
 async def open_store(settings: Settings) -> Store:
     """The configured store, opened: migrations applied, writability checked."""
     from imgapi_core.store.sqlite import SqliteStore
 
-    return await SqliteStore(settings.db_path).open()
+    return await SqliteStore(settings.db_path, webhook_urls=settings.webhook_url).open()
 
 
 __all__ = [
+    "DELIVERY_STATES",
+    "EVENT_TYPES",
     "FINISHED",
     "JOB_KINDS",
     "JOB_STATES",
+    "WEBHOOK_EVENTS",
     "ApiKey",
     "Deleted",
+    "Delivery",
+    "Event",
     "Job",
     "JobState",
     "JobsByImage",
@@ -252,6 +375,7 @@ __all__ = [
     "Record",
     "Stats",
     "Store",
+    "all_finished",
     "now_iso",
     "open_store",
 ]

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from imgapi_core.store import (
     FINISHED,
+    WEBHOOK_EVENTS,
     ApiKey,
     Deleted,
+    Delivery,
+    Event,
     Job,
     JobsByImage,
     JobState,
@@ -173,6 +178,67 @@ MIGRATIONS: tuple[str, ...] = (
           THEN json_extract(exif_json, '$.Orientation') ELSE 1 END
       FROM metadata;
     """,
+    # 9: events. The jobs table is rebuilt (SQLite cannot change a CHECK) to allow the state
+    # 'unavailable'; the event log and webhook deliveries are written in the transaction of the
+    # state change they describe. Deliveries carry their event, since events are pruned.
+    """
+    CREATE TABLE jobs_v9 (
+      sha256 TEXT NOT NULL REFERENCES metadata(sha256) ON DELETE CASCADE,
+      kind TEXT NOT NULL CHECK (kind IN ('thumbnail', 'exif', 'caption')),
+      state TEXT NOT NULL DEFAULT 'queued'
+        CHECK (state IN ('queued', 'running', 'done', 'failed', 'skipped', 'unavailable')),
+      attempts INTEGER NOT NULL DEFAULT 0,
+      error TEXT,
+      created_at TEXT NOT NULL,
+      updated_at TEXT NOT NULL,
+      started_at TEXT,
+      finished_at TEXT,
+      run_after REAL NOT NULL DEFAULT 0,
+      lease_until REAL,
+      runner TEXT,
+      lapses INTEGER NOT NULL DEFAULT 0,
+      PRIMARY KEY (sha256, kind)
+    );
+    INSERT INTO jobs_v9 (sha256, kind, state, attempts, error, created_at, updated_at,
+        started_at, finished_at, run_after, lease_until, runner, lapses)
+      SELECT sha256, kind, state, attempts, error, created_at, updated_at,
+        started_at, finished_at, run_after, lease_until, runner, lapses FROM jobs;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v9 RENAME TO jobs;
+    CREATE INDEX jobs_due ON jobs (state, run_after);
+    CREATE TABLE events (
+      id INTEGER PRIMARY KEY AUTOINCREMENT,
+      type TEXT NOT NULL,
+      image_id TEXT NOT NULL,
+      kind TEXT,
+      state TEXT,
+      error TEXT,
+      created_at TEXT NOT NULL
+    );
+    CREATE INDEX events_by_time ON events (created_at);
+    CREATE TABLE webhook_deliveries (
+      delivery_id TEXT PRIMARY KEY,
+      event_id INTEGER NOT NULL,
+      event_type TEXT NOT NULL,
+      image_id TEXT NOT NULL,
+      url TEXT NOT NULL,
+      state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'delivering', 'delivered', 'failed')),
+      attempts INTEGER NOT NULL DEFAULT 0,
+      next_attempt_at REAL NOT NULL DEFAULT 0,
+      lease_until REAL,
+      runner TEXT,
+      last_status INTEGER,
+      last_error TEXT,
+      event_json TEXT NOT NULL,
+      body TEXT,
+      created_at TEXT NOT NULL,
+      updated_at TEXT NOT NULL,
+      delivered_at TEXT
+    );
+    CREATE INDEX deliveries_due ON webhook_deliveries (state, next_attempt_at);
+    CREATE INDEX deliveries_newest ON webhook_deliveries (created_at DESC, delivery_id DESC);
+    """,
 )
 
 
@@ -263,8 +329,12 @@ async def _settled(future: concurrent.futures.Future[T]) -> T:
 
 
 class SqliteStore:
-    def __init__(self, path: str | Path, readers: int = 2) -> None:
+    def __init__(
+        self, path: str | Path, readers: int = 2, webhook_urls: Sequence[str] = ()
+    ) -> None:
         self.path = str(path)
+        self.webhook_urls = tuple(webhook_urls)
+        self._listeners: list[Callable[[int], None]] = []
         self._reader_count = readers
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
@@ -288,9 +358,102 @@ class SqliteStore:
         """Runs fn(conn) as one transaction on the writer thread; its result, or its error."""
         if self._writer is None:
             raise RuntimeError("store is closed")
-        return await _settled(
-            self._writer.submit(lambda: _in_transaction(self._thread_connection(), fn))
+        return await _settled(self._writer.submit(self._run_write, fn))
+
+    def _run_write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self._local.last_event = 0
+        result = _in_transaction(self._thread_connection(), fn)
+        # Told here, on the writer thread, once committed: a caller cancelled meanwhile must not
+        # keep the listeners from hearing of events that are in the database.
+        last_event, self._local.last_event = self._local.last_event, 0
+        if last_event:
+            for listener in self._listeners:
+                listener(last_event)
+        return result
+
+    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+        self._listeners.append(listener)
+
+    def _emit(
+        self,
+        conn: sqlite3.Connection,
+        type_: str,
+        *,
+        image_id: str | None = None,
+        sha256: str | None = None,
+        kind: str | None = None,
+        state: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Writes an event, in the caller's transaction, for one image, or for every image of
+        `sha256` (jobs belong to the bytes; events to the uploads that share them)."""
+        stamp = now_iso()
+        if image_id is not None:
+            rows = conn.execute(
+                "INSERT INTO events (type, image_id, kind, state, error, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id, image_id",
+                (type_, image_id, kind, state, error, stamp),
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                "INSERT INTO events (type, image_id, kind, state, error, created_at)"
+                " SELECT ?, image_id, ?, ?, ?, ? FROM images WHERE metadata_sha256 = ?"
+                " ORDER BY processed_at, image_id RETURNING id, image_id",
+                (type_, kind, state, error, stamp, sha256),
+            ).fetchall()
+        if not rows:
+            return
+        self._local.last_event = max(self._local.last_event, max(r[0] for r in rows))
+        if type_ not in WEBHOOK_EVENTS or not self.webhook_urls:
+            return
+        conn.executemany(
+            "INSERT INTO webhook_deliveries (delivery_id, event_id, event_type, image_id, url,"
+            " event_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    str(uuid.uuid4()),
+                    event_id,
+                    type_,
+                    event_image,
+                    url,
+                    json.dumps(
+                        Event(event_id, type_, event_image, kind, state, error, stamp).as_json()
+                    ),
+                    stamp,
+                    stamp,
+                )
+                for event_id, event_image in rows
+                for url in self.webhook_urls
+            ],
         )
+
+    def _job_finished(
+        self,
+        conn: sqlite3.Connection,
+        sha256: str,
+        kind: str,
+        state: str,
+        error: str | None,
+        stamp: str,
+    ) -> None:
+        """The events of a job that ended, and, when it was the last open one of its bytes, the
+        end of its uploads' processing (stats rows closed, image.ready)."""
+        self._emit(
+            conn,
+            "job.failed" if state == "failed" else "job.done",
+            sha256=sha256,
+            kind=kind,
+            state=state,
+            error=error,
+        )
+        if _pending_jobs(conn, sha256):
+            return
+        conn.execute(
+            "UPDATE stats SET end_time = ? WHERE end_time IS NULL AND image_id IN"
+            " (SELECT image_id FROM images WHERE metadata_sha256 = ?)",
+            (stamp, sha256),
+        )
+        self._emit(conn, "image.ready", sha256=sha256, state="ready")
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Runs fn(conn) in one read snapshot on a reader thread."""
@@ -394,6 +557,9 @@ class SqliteStore:
                 "INSERT INTO stats (image_id, start_time, end_time, status) VALUES (?, ?, ?, 1)",
                 (u.image_id, u.start_time, None if pending else now_iso()),
             )
+            self._emit(conn, "image.uploaded", image_id=u.image_id, state="success")
+            if not pending:  # the same bytes again, their jobs long finished
+                self._emit(conn, "image.ready", image_id=u.image_id, state="ready")
             return pending > 0
 
         return await self.write(txn)
@@ -411,6 +577,7 @@ class SqliteStore:
                 "INSERT INTO stats (image_id, start_time, end_time, status) VALUES (?, ?, ?, 0)",
                 (image_id, start_time, processed_at),
             )
+            self._emit(conn, "image.uploaded", image_id=image_id, state="failed", error=error)
 
         await self.write(txn)
 
@@ -494,6 +661,7 @@ class SqliteStore:
             if row is None:
                 return None
             original_key, sha256 = row
+            self._emit(conn, "image.deleted", image_id=image_id, state="deleted")
             conn.execute("DELETE FROM stats WHERE image_id = ?", (image_id,))
             conn.execute("DELETE FROM images WHERE image_id = ?", (image_id,))
             last = False
@@ -613,7 +781,10 @@ class SqliteStore:
                 " RETURNING attempts",
                 (runner, now + lease_s, stamp, stamp, sha256, kind, now),
             ).fetchone()
-            return Job(sha256, kind, row[0]) if row else None
+            if row is None:
+                return None
+            self._emit(conn, "job.started", sha256=sha256, kind=kind, state="running")
+            return Job(sha256, kind, row[0])
 
         return await self.write(txn)
 
@@ -651,7 +822,7 @@ class SqliteStore:
             )
             if cur.rowcount == 0:
                 return False
-            _close_stats_if_finished(conn, sha256, stamp)
+            self._job_finished(conn, sha256, kind, state, error, stamp)
             return True
 
         return await self.write(txn)
@@ -666,7 +837,10 @@ class SqliteStore:
                 " WHERE sha256 = ? AND kind = ? AND state = 'running' AND runner = ?",
                 (error, time.time() + delay_s, now_iso(), sha256, kind, runner),
             )
-            return cur.rowcount > 0
+            if cur.rowcount == 0:
+                return False
+            self._emit(conn, "job.queued", sha256=sha256, kind=kind, state="queued", error=error)
+            return True
 
         return await self.write(txn)
 
@@ -682,15 +856,8 @@ class SqliteStore:
                 " RETURNING sha256",
                 (reason, stamp, stamp, kind),
             ).fetchall()
-            if skipped:
-                conn.execute(
-                    "UPDATE stats SET end_time = ? WHERE end_time IS NULL AND image_id IN"
-                    " (SELECT i.image_id FROM images i WHERE i.metadata_sha256 IN"
-                    "   (SELECT sha256 FROM jobs WHERE kind = ? AND finished_at = ?)"
-                    "  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.sha256 = i.metadata_sha256"
-                    "   AND j.state NOT IN ('done', 'failed', 'skipped')))",
-                    (stamp, kind, stamp),
-                )
+            for (sha256,) in skipped:
+                self._job_finished(conn, sha256, kind, "skipped", reason, stamp)
             return len(skipped)
 
         return await self.write(txn)
@@ -717,6 +884,8 @@ class SqliteStore:
             jobs = [
                 Job(*row) for row in conn.execute(sql + " RETURNING sha256, kind, attempts", params)
             ]
+            for job in jobs:
+                self._emit(conn, "job.queued", sha256=job.sha256, kind=kind, state="queued")
             # Their uploads are processing again: the stats rows close when these jobs finish.
             conn.executemany(
                 "UPDATE stats SET end_time = NULL WHERE image_id IN"
@@ -770,7 +939,10 @@ class SqliteStore:
                             kind,
                         ),
                     )
-                    _close_stats_if_finished(conn, sha256, stamp)
+                    error = conn.execute(
+                        "SELECT error FROM jobs WHERE sha256 = ? AND kind = ?", (sha256, kind)
+                    ).fetchone()[0]
+                    self._job_finished(conn, sha256, kind, "failed", error, stamp)
                     continue
                 conn.execute(
                     "UPDATE jobs SET state = 'queued', lapses = lapses + 1, run_after = ?,"
@@ -778,6 +950,14 @@ class SqliteStore:
                     " error = 'runner vanished while running; handed out again'"
                     " WHERE sha256 = ? AND kind = ?",
                     (now + backoff_s(attempts), stamp, sha256, kind),
+                )
+                self._emit(
+                    conn,
+                    "job.queued",
+                    sha256=sha256,
+                    kind=kind,
+                    state="queued",
+                    error="runner vanished while running; handed out again",
                 )
                 requeued.append(Job(sha256, kind, attempts))
             return requeued
@@ -805,6 +985,120 @@ class SqliteStore:
             )
         )
 
+    # -- events and webhook deliveries --------------------------------------------------------
+
+    async def events_after(self, after_id: int, limit: int) -> list[Event]:
+        rows = await self._fetchall(
+            "SELECT id, type, image_id, kind, state, error, created_at FROM events"
+            " WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        )
+        return [Event(*row) for row in rows]
+
+    async def last_event_id(self) -> int:
+        # The sequence, not max(id): pruning every event must not make ids start again.
+        row = await self._fetchone("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+        return row[0] if row else 0
+
+    async def prune_events(self, before: str) -> int:
+        def txn(conn: sqlite3.Connection) -> int:
+            pruned = conn.execute("DELETE FROM events WHERE created_at < ?", (before,)).rowcount
+            # Failed ones stay until an admin has seen them (and maybe sent them again).
+            conn.execute(
+                "DELETE FROM webhook_deliveries WHERE state = 'delivered' AND updated_at < ?",
+                (before,),
+            )
+            return pruned
+
+        return await self.write(txn)
+
+    async def claim_deliveries(self, runner: str, limit: int, lease_s: float) -> list[Delivery]:
+        def txn(conn: sqlite3.Connection) -> list[Delivery]:
+            now = time.time()
+            rows = conn.execute(
+                "UPDATE webhook_deliveries SET state = 'delivering', attempts = attempts + 1,"
+                " runner = ?, lease_until = ?, updated_at = ?"
+                " WHERE delivery_id IN (SELECT delivery_id FROM webhook_deliveries"
+                "   WHERE (state = 'pending' AND next_attempt_at <= ?)"
+                "      OR (state = 'delivering' AND lease_until < ?)"
+                "   ORDER BY next_attempt_at, created_at LIMIT ?)"
+                " RETURNING " + _DELIVERY_COLUMNS,
+                (runner, now + lease_s, now_iso(), now, now, limit),
+            ).fetchall()
+            return sorted((Delivery(*row) for row in rows), key=lambda d: d.event_id)
+
+        return await self.write(txn)
+
+    async def keep_delivery_body(self, delivery_id: str, runner: str, body: str) -> str | None:
+        def txn(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "UPDATE webhook_deliveries SET body = coalesce(body, ?)"
+                " WHERE delivery_id = ? AND runner = ? AND state = 'delivering' RETURNING body",
+                (body, delivery_id, runner),
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self.write(txn)
+
+    async def finish_delivery(
+        self,
+        delivery_id: str,
+        runner: str,
+        *,
+        state: str,
+        status: int | None,
+        error: str | None,
+        body: str,
+        retry_at: float = 0.0,
+    ) -> bool:
+        def txn(conn: sqlite3.Connection) -> bool:
+            stamp = now_iso()
+            cur = conn.execute(
+                "UPDATE webhook_deliveries SET state = ?, last_status = ?, last_error = ?,"
+                " body = coalesce(body, ?), next_attempt_at = ?, lease_until = NULL,"
+                " runner = NULL, updated_at = ?,"
+                " delivered_at = CASE WHEN ? = 'delivered' THEN ? END"
+                " WHERE delivery_id = ? AND runner = ? AND state = 'delivering'",
+                (state, status, error, body, retry_at, stamp, state, stamp, delivery_id, runner),
+            )
+            return cur.rowcount == 1
+
+        return await self.write(txn)
+
+    async def deliveries(
+        self, *, state: str | None, limit: int, before: tuple[str, str] | None = None
+    ) -> list[Delivery]:
+        where: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if before is not None:
+            where.append("(created_at, delivery_id) < (?, ?)")
+            params.extend(before)
+        sql = "SELECT " + _DELIVERY_COLUMNS + " FROM webhook_deliveries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, delivery_id DESC LIMIT ?"
+        params.append(limit)
+        return [Delivery(*row) for row in await self._fetchall(sql, params)]
+
+    async def requeue_deliveries(self, state: str = "failed") -> int:
+        def txn(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE webhook_deliveries SET state = 'pending', attempts = 0,"
+                " next_attempt_at = 0, updated_at = ? WHERE state = ?",
+                (now_iso(), state),
+            ).rowcount
+
+        return await self.write(txn)
+
+
+# Its columns in the order of Delivery's fields.
+_DELIVERY_COLUMNS = (
+    "delivery_id, event_id, event_type, image_id, url, state, attempts, next_attempt_at,"
+    " last_status, last_error, event_json, body, created_at, updated_at, delivered_at"
+)
 
 _KEY_SELECT = (
     "SELECT name, key_id, token_hash, scopes, created_at, last_used_at, revoked_at FROM api_keys"
@@ -864,19 +1158,9 @@ def _jobs_of(conn: sqlite3.Connection, sha256s: Iterable[str]) -> JobsByImage:
 
 def _pending_jobs(conn: sqlite3.Connection, sha256: str) -> int:
     return conn.execute(
-        "SELECT count(*) FROM jobs WHERE sha256 = ? AND state NOT IN ('done', 'failed', 'skipped')",
+        "SELECT count(*) FROM jobs WHERE sha256 = ? AND state IN ('queued', 'running')",
         (sha256,),
     ).fetchone()[0]
-
-
-def _close_stats_if_finished(conn: sqlite3.Connection, sha256: str, stamp: str) -> None:
-    if _pending_jobs(conn, sha256):
-        return
-    conn.execute(
-        "UPDATE stats SET end_time = ? WHERE end_time IS NULL AND image_id IN"
-        " (SELECT image_id FROM images WHERE metadata_sha256 = ?)",
-        (stamp, sha256),
-    )
 
 
 # -- schema -------------------------------------------------------------------------------------

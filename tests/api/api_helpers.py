@@ -33,6 +33,7 @@ DATA_KEYS = {
     "thumbnails",
     "original",
     "jobs",
+    "ready",
 }
 FAILED_DATA_KEYS = {"image_id", "original_name", "processed_at", "metadata", "thumbnails"}
 METADATA_KEYS = {
@@ -221,6 +222,8 @@ def assert_success_record(
     assert body["thumbnails"] == rec["thumbnails"]
     states = set(job_states)
     assert set(rec["jobs"]) == {"thumbnail", "exif", "caption"}, rec["jobs"]
+    finished = ("done", "failed", "skipped", "unavailable")
+    assert rec["ready"] is all(job["state"] in finished for job in rec["jobs"].values()), rec
     for kind in ("thumbnail", "exif"):
         assert rec["jobs"][kind]["state"] in states, rec["jobs"]
     caption = rec["jobs"]["caption"]  # CAPTION_MODEL=none in tests

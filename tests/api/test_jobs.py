@@ -79,7 +79,14 @@ async def test_upload_runs_its_jobs_in_process(client: SanicASGITestClient, cfg:
     assert isinstance(average, float | int) and not isinstance(average, bool)
     assert average > 0
     assert stats["total"] == 1 and stats["failed"] == 0
-    assert stats["jobs"] == {"queued": 0, "running": 0, "done": 2, "failed": 0, "skipped": 1}
+    assert stats["jobs"] == {
+        "queued": 0,
+        "running": 0,
+        "done": 2,
+        "failed": 0,
+        "skipped": 1,
+        "unavailable": 0,
+    }
 
 
 async def test_duplicate_upload_runs_no_new_jobs(

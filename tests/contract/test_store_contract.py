@@ -1,16 +1,11 @@
 """What every Store implementation must do, written only against the Store protocol (no SQL, no
 driver, no private attributes), and run once per backend.
 
-A backend is one entry of BACKENDS: an async opener that takes the test's tmp_path and returns an
-opened store on that test's database. Calling it twice with the same tmp_path must give two stores
-on the same database (two processes, in effect): tests of claims and leases between runners do
-that. A PostgreSQL backend is one more entry (e.g. a schema named after tmp_path)."""
+The backends and the `make_store` / `store` fixtures are in tests/store_backends.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
 from store_helpers import add_image
@@ -26,48 +21,10 @@ from imgapi_core.store import (
     Store,
     now_iso,
 )
-from imgapi_core.store.sqlite import SqliteStore
 
 SHA = "a" * 64
 SHA2 = "b" * 64
 UNKNOWN = "f" * 64
-
-Opener = Callable[[Path], Awaitable[Store]]
-
-
-async def _open_sqlite(tmp_path: Path) -> Store:
-    return await SqliteStore(tmp_path / "data" / "imgapi.db").open()
-
-
-BACKENDS: dict[str, Opener] = {
-    "sqlite": _open_sqlite,
-}
-
-StoreFactory = Callable[[], Awaitable[Store]]
-
-
-@pytest.fixture(params=list(BACKENDS))
-async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
-    """Opens a store on this test's database; each call is one more store on the same database.
-    Every store it opened is closed after the test."""
-    opener = BACKENDS[request.param]
-    opened: list[Store] = []
-
-    async def factory() -> Store:
-        s = await opener(tmp_path)
-        opened.append(s)
-        return s
-
-    try:
-        yield factory
-    finally:
-        for s in reversed(opened):
-            await s.close()
-
-
-@pytest.fixture
-async def store(make_store: StoreFactory) -> Store:
-    return await make_store()
 
 
 def sha_of(i: int) -> str:

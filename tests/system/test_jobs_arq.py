@@ -38,6 +38,7 @@ from sanic_testing.testing import SanicASGITestClient
 
 from imgapi_core import runtime as runtime_mod
 from imgapi_core import worker as worker_mod
+from imgapi_core.cancelling import bounded, cancel_all
 from imgapi_core.dispatch import job_id
 from imgapi_core.media import open_media
 from imgapi_core.settings import Settings
@@ -131,9 +132,8 @@ async def arq_worker(cfg: Settings, *, burst: bool = False) -> AsyncIterator[Wor
             await asyncio.wait_for(asyncio.shield(task), 120)
         yield worker
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await worker.close()
+        await cancel_all([task])
+        await bounded(worker.close(), 5.0, "closing the test's arq worker")
         await runtime.close()
         await store.close()
 

@@ -44,6 +44,8 @@ OPERATIONS = [
     for method in item
     if method != "parameters"
 ]
+# A stream that does not end cannot be generated against; tests/api/test_events.py checks it.
+STREAMS = {("GET", "/api/events")}
 
 
 def _negatable(method: str, path: str) -> bool:
@@ -62,7 +64,8 @@ CASES = [
     (method, path, mode)
     for method, path in OPERATIONS
     for mode in GenerationMode
-    if mode is GenerationMode.POSITIVE or _negatable(method, path)
+    if (method, path) not in STREAMS
+    and (mode is GenerationMode.POSITIVE or _negatable(method, path))
 ]
 
 
