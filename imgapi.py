@@ -17,8 +17,8 @@ from functools import partial
 
 from sanic import Sanic
 
+from imgapi_core import metrics, worker
 from imgapi_core import settings as settings_mod
-from imgapi_core import worker
 from imgapi_core.app import create_app
 from imgapi_core.logs import setup_logging
 
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imgapi: cannot start: {_one_line(exc)}", file=sys.stderr)
             return 1
     else:
-        Sanic.serve(primary=app, app_loader=loader)
+        # Several processes: each scrape of /metrics sums their metrics, kept in one folder.
+        with metrics.shared_folder():
+            Sanic.serve(primary=app, app_loader=loader)
     return 0
 
 

@@ -8,13 +8,14 @@ import logging
 import os
 import secrets
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import NotFound, SanicException
 from sanic_ext import openapi
 
-from imgapi_core import openapi_spec, records
+from imgapi_core import metrics, openapi_spec, records
 from imgapi_core import settings as settings_mod
 from imgapi_core.access.guard import is_image_route, open_guard
 from imgapi_core.background import Jobs
@@ -26,6 +27,8 @@ from imgapi_core.media import open_media
 from imgapi_core.pipeline import MULTIPART_OVERHEAD, Pipeline
 from imgapi_core.routes import events, images, json_response, media, system, urls_on
 from imgapi_core.routes import jobs as job_routes
+from imgapi_core.routes import metrics as metrics_routes
+from imgapi_core.routes import web as web_routes
 from imgapi_core.routes import webhooks as webhook_routes
 from imgapi_core.settings import Settings
 from imgapi_core.store import open_store
@@ -33,7 +36,17 @@ from imgapi_core.webhooks import WebhookSender
 
 log = logging.getLogger("imgapi")
 
-BLUEPRINTS = (images.bp, job_routes.bp, media.bp, system.bp, events.bp, webhook_routes.bp)
+# The API's operations (each in the OpenAPI document); the gallery's page and files are not.
+BLUEPRINTS = (
+    images.bp,
+    job_routes.bp,
+    media.bp,
+    system.bp,
+    events.bp,
+    webhook_routes.bp,
+    metrics_routes.bp,
+)
+WEB_BLUEPRINT = web_routes.bp
 
 
 async def open_resources(app: Sanic) -> None:
@@ -175,6 +188,18 @@ async def close_when_stopping(request: Request, response: HTTPResponse) -> None:
         request.stream.keep_alive = False
 
 
+async def start_clock(request: Request) -> None:
+    request.ctx.started = time.perf_counter()
+
+
+async def count_request(request: Request, response: HTTPResponse) -> None:
+    """Every answer, refusals and errors too, by route name (never the path: it holds ids)."""
+    started = getattr(request.ctx, "started", None)
+    seconds = time.perf_counter() - started if started is not None else None
+    route = request.route.name if request.route is not None else None
+    metrics.http_answered(route, request.method, response.status, seconds)
+
+
 async def security_headers(request: Request, response: HTTPResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     route = request.route
@@ -235,8 +260,14 @@ def create_app(settings: object = None, *, own_resources: bool = True) -> Sanic:
         for future in bp._future_routes:
             openapi.exclude()(future.handler)
         app.blueprint(bp)
+    for future in WEB_BLUEPRINT._future_routes:
+        openapi.exclude()(future.handler)
+    app.blueprint(WEB_BLUEPRINT)
     app.error_handler.add(Exception, handle_error)
+    # Before the guard: its refusals are answers to time too.
+    app.on_request(start_clock, priority=200)
     app.on_request(guard_request, priority=100)
+    app.on_response(count_request)
     app.on_response(security_headers)
     app.on_response(close_when_stopping)
     if own_resources:

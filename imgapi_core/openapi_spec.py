@@ -93,6 +93,10 @@ SCHEMAS: dict[str, Any] = {
             "first_upload": {"type": "string"},
             "exif": {"type": "object", "nullable": True, "additionalProperties": True},
             "caption": _NULLABLE_STRING,
+            "taken_at": {
+                **_NULLABLE_STRING,
+                "description": "EXIF DateTimeOriginal, YYYY-MM-DDTHH:MM:SS on the camera's clock",
+            },
         },
     },
     "Thumbnails": {
@@ -259,6 +263,16 @@ SCHEMAS: dict[str, Any] = {
 
 _NOT_FOUND = _error("no image with this id")
 
+
+def _date_filter(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "schema": {"type": "string", "example": "2024-05-01"},
+        "description": f"{description}: a date or an RFC 3339 date-time",
+    }
+
+
 _WAIT = {
     "name": "wait",
     "in": "query",
@@ -328,6 +342,44 @@ PATHS: dict[str, Any] = {
                     "in": "query",
                     "schema": {"type": "string", "enum": ["success", "failed"]},
                 },
+                {
+                    "name": "q",
+                    "in": "query",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "description": "words to find in the file name, the caption and the camera"
+                    " (make, model, lens); each matches as a prefix, accents ignored, all must"
+                    " match; ranked by relevance unless sort says otherwise",
+                },
+                {
+                    "name": "format",
+                    "in": "query",
+                    "schema": {
+                        "type": "string",
+                        "enum": ["jpeg", "png", "webp", "gif", "tiff", "avif", "heic"],
+                    },
+                },
+                {
+                    "name": "camera",
+                    "in": "query",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "description": "the camera's make or model, whole, case-insensitive",
+                },
+                _date_filter("taken_after", "taken at or after (camera clock; zone ignored)"),
+                _date_filter("taken_before", "taken before (camera clock; zone ignored)"),
+                {
+                    "name": "has_gps",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": ["true", "false"]},
+                },
+                _date_filter("uploaded_after", "uploaded at or after (UTC unless an offset)"),
+                _date_filter("uploaded_before", "uploaded before (UTC unless an offset)"),
+                {
+                    "name": "sort",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": ["uploaded", "taken", "relevance"]},
+                    "description": "newest first by upload (default) or by date taken (undated"
+                    " last); relevance (the default with q) needs q",
+                },
             ],
             "responses": {
                 "200": {
@@ -347,7 +399,7 @@ PATHS: dict[str, Any] = {
                         }
                     },
                 },
-                "400": _error("bad limit, status or cursor"),
+                "400": _error("a bad parameter (the message names it)"),
             },
         },
     },
@@ -609,6 +661,20 @@ PATHS: dict[str, Any] = {
             },
         },
     },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics of every server process and of the jobs table",
+            "description": "The Prometheus text format (README: Operations). With"
+            " METRICS_PUBLIC=1 no key is needed.",
+            "responses": {
+                "200": {
+                    "description": "the exposition",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+            },
+        },
+    },
 }
 
 
@@ -628,6 +694,7 @@ ACCESS: dict[str, str | None] = {
     "events": "read",
     "list_deliveries": "admin",
     "retry_deliveries": "admin",
+    "metrics": "admin",
 }
 
 SECURITY_SCHEMES = {

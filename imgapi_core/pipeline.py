@@ -13,12 +13,13 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from imgapi_core import imaging, uploads
+from imgapi_core import imaging, metrics, uploads
 from imgapi_core.access import tokens
 from imgapi_core.background import Jobs
 from imgapi_core.errors import ClientError
@@ -113,6 +114,7 @@ class Pipeline:
         cfg = self.settings
         store = self.store
         start_time = now_iso()
+        started = time.perf_counter()  # for the metrics: a monotonic clock
         image_id = new_image_id()
         received = uploads.Received()
         try:
@@ -155,7 +157,9 @@ class Pipeline:
                 )
         except ClientError as exc:
             received.discard()
-            return await self.record_failure(image_id, received.original_name, start_time, exc)
+            failure = await self.record_failure(image_id, received.original_name, start_time, exc)
+            metrics.upload_recorded(False, 0, time.perf_counter() - started)
+            return failure
         except asyncio.CancelledError:
             received.discard()
             # The client went away, or the server is stopping: still recorded, shielded from the
@@ -171,6 +175,7 @@ class Pipeline:
                 ),
                 suppress=True,
             )
+            metrics.upload_recorded(False, 0, time.perf_counter() - started)
             raise
         except BaseException:
             received.discard()
@@ -196,7 +201,9 @@ class Pipeline:
             jobs=self.jobs.initial_states(),
             delete_token_hash=tokens.hash_token(delete_token),
         )
-        outcome = await self._finish_shielded(self._store_and_record(received, upload))
+        outcome = await self._finish_shielded(
+            self._counted_when_done(self._store_and_record(received, upload), upload, started)
+        )
         if outcome.error is None:
             outcome = dataclasses.replace(outcome, delete_token=delete_token)
         return outcome
@@ -210,6 +217,17 @@ class Pipeline:
             with contextlib.suppress(Exception):
                 return await asyncio.shield(task)
         return await asyncio.shield(task)
+
+    @staticmethod
+    async def _counted_when_done(
+        work: Awaitable[Outcome], upload: NewUpload, started: float
+    ) -> Outcome:
+        """Counted inside the shielded task: an upload stored after its client left is still
+        one (and one refused for want of space a failure)."""
+        outcome = await work
+        stored = outcome.error is None
+        metrics.upload_recorded(stored, upload.size_bytes, time.perf_counter() - started)
+        return outcome
 
     async def _store_and_record(self, received: uploads.Received, upload: NewUpload) -> Outcome:
         assert received.temp_path is not None

@@ -70,6 +70,8 @@ def record(rec: Record, jobs: Mapping[str, JobState], url: Url) -> dict:
         # Stored as JSON already: spliced in as it is rather than parsed and written again.
         "exif": orjson.Fragment(exif) if exif else None,
         "caption": rec.caption,
+        # When it was taken, on the camera's clock (EXIF has no time zone): null when unknown.
+        "taken_at": rec.taken_at,
     }
     thumbs = thumbnail_urls(url, rec.image_id)
     data["thumbnails"] = thumbs

@@ -16,12 +16,13 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from imgapi_core import imaging
+from imgapi_core import imaging, metrics
 from imgapi_core.errors import ClientError
 from imgapi_core.media import Media, MediaMissing
 from imgapi_core.settings import Settings
@@ -100,6 +101,7 @@ class Runtime:
                 threads=cfg.caption_threads,
                 token=cfg.hf_token or None,
                 retry_after_s=cfg.caption_retry_seconds,
+                on_batch=metrics.caption_batch,
             )
         return self._captioner
 
@@ -124,7 +126,14 @@ class Runtime:
             log.warning("caption model not preloaded: %s: %s", type(exc).__name__, exc)
 
     async def run(self, kind: str, sha256: str) -> str:
-        """Claims, runs and records one job; returns what happened (arq keeps it in its log)."""
+        """Claims, runs and records one job; returns what happened (arq keeps it in its log).
+        Counted here, where every runner (in-process, arq) passes, once its state is recorded."""
+        started = time.perf_counter()
+        state = await self._claim_and_run(kind, sha256)
+        metrics.job_ran(kind, state, time.perf_counter() - started)
+        return state
+
+    async def _claim_and_run(self, kind: str, sha256: str) -> str:
         cfg = self.settings
         claim = asyncio.ensure_future(
             self.store.claim_job(sha256, kind, self.runner_id, cfg.job_lease_seconds)

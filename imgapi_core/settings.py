@@ -107,6 +107,13 @@ def _flag(raw: str) -> bool:
     raise ValueError("must be 1 or 0")
 
 
+def _port(raw: str) -> int:
+    value = int(raw.replace("_", ""))
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 1 to 65535 (or 0: off)")
+    return value
+
+
 def _rate_limit(raw: str) -> str:
     value = raw.strip().lower()
     if value in ("", "0"):
@@ -306,6 +313,15 @@ class Settings:
     )
     events_keep_seconds: int = setting(
         "86400", _positive_int, "how long events are kept for Last-Event-ID to resume from"
+    )
+    metrics_public: bool = setting(
+        "0", _flag, "keys mode: GET /metrics needs no key (else the admin scope)"
+    )
+    worker_metrics_port: int = setting(
+        "0",
+        _port,
+        "arq workers serve their own job metrics for Prometheus on this port, all interfaces"
+        " (0: off)",
     )
 
     @property

@@ -9,3 +9,9 @@ def now_iso(ago_s: float = 0.0) -> str:
     """Now (or `ago_s` seconds before): sorts as text, and SQLite's julianday() reads it."""
     moment = datetime.now(UTC) - timedelta(seconds=ago_s)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_of(epoch_s: float) -> str:
+    """A Unix time in the same form."""
+    moment = datetime.fromtimestamp(epoch_s, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from arq.connections import RedisSettings
 
-from imgapi_core import dispatch
+from imgapi_core import dispatch, metrics
 from imgapi_core import settings as settings_mod
 from imgapi_core.events.notify import RedisNotifier, channel_name
 from imgapi_core.logs import setup_logging
@@ -96,6 +96,12 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     """`arq jobs.WorkerSettings`: this process's store, runtime and sweeper."""
     cfg = settings_mod.load()
     setup_logging(cfg.log_level)
+    if cfg.worker_metrics_port:
+        # First: a port in use stops the start before anything else is opened.
+        try:
+            ctx["imgapi_metrics"] = metrics.MetricsServer(cfg.worker_metrics_port)
+        except OSError as exc:
+            raise RuntimeError(f"WORKER_METRICS_PORT={cfg.worker_metrics_port}: {exc}") from exc
     store = await open_store(cfg)
     media = await open_media(cfg)
     runtime = Runtime(cfg, store, media)
@@ -144,6 +150,9 @@ async def worker_shutdown(ctx: dict[str, Any]) -> None:
         resource = ctx.pop(name, None)
         if resource is not None:
             await resource.close()
+    server = ctx.pop("imgapi_metrics", None)
+    if server is not None:
+        await asyncio.to_thread(server.close)  # joins the server's thread
 
 
 # -- health ----------------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+logger = logging.getLogger("imgapi.captions")
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -25,7 +28,8 @@ class MicroBatcher(Generic[Item, Result]):
 
     A batch starts when it is full or when its oldest item has waited `max_wait_s`, so an item
     that queued while the previous batch ran does not wait again. Bound to the running event
-    loop it is created on; one batch runs at a time.
+    loop it is created on; one batch runs at a time. `on_batch(size)`, when given, is told the
+    size of each batch as it starts (for metrics).
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class MicroBatcher(Generic[Item, Result]):
         batch_size: int,
         max_wait_s: float,
         closed_error: Callable[[], BaseException],
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self._run = run
@@ -43,6 +48,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._batch_size = batch_size
         self._max_wait_s = max_wait_s
         self._closed_error = closed_error
+        self._on_batch = on_batch
         self._pending: deque[_Pending[Item, Result]] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -102,6 +108,11 @@ class MicroBatcher(Generic[Item, Result]):
         return batch
 
     async def _execute(self, batch: list[_Pending[Item, Result]]) -> None:
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(batch))
+            except Exception:  # an observer's error must not leave the batch's callers waiting
+                logger.exception("on_batch callback failed")
         try:
             results: list[Any] = await self.loop.run_in_executor(
                 self._executor, self._run, [pending.item for pending in batch]

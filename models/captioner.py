@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -38,6 +39,7 @@ class Captioner:
         dtype: str = "auto",
         max_new_tokens: int = 30,
         min_new_tokens: int = 0,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
@@ -56,6 +58,8 @@ class Captioner:
             "cache_dir": cache_dir,
         }
         self._batch_size = batch_size
+        # Told each batch's size (the service's metrics): models/ knows nothing of the service.
+        self._on_batch = on_batch
         self._max_wait_s = max_wait_ms / 1000
         self._retry_after_s = retry_after_s
         self._max_new_tokens = max_new_tokens
@@ -198,6 +202,7 @@ class Captioner:
                 batch_size=self._batch_size,
                 max_wait_s=self._max_wait_s,
                 closed_error=lambda: CaptionError("the captioner was closed"),
+                on_batch=self._on_batch,
             )
         return self._batcher
 

@@ -108,6 +108,9 @@ class Guard:
         needed = scopes.access_of(route.handler)
         if needed == scopes.PUBLIC or route.name.split(".", 1)[-1].startswith(PUBLIC_PREFIXES):
             return None
+        switch = scopes.public_when_of(route.handler)
+        if switch is not None and getattr(self.settings, switch) is True:
+            return None  # made public by the operator (e.g. METRICS_PUBLIC=1)
         if self.mode == KEYS:
             refusal = await self._check_keys(request, route.name, needed)
             if refusal is not None:

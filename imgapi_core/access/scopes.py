@@ -6,7 +6,10 @@ A route without a declaration is refused in keys mode: a new endpoint must say w
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any, TypeVar
+
+from imgapi_core.settings import Settings
 
 READ, UPLOAD, DELETE, ADMIN = "read", "upload", "delete", "admin"
 SCOPES = (READ, UPLOAD, DELETE, ADMIN)
@@ -14,6 +17,7 @@ DEFAULT_SCOPES = (READ, UPLOAD)
 PUBLIC = "public"
 
 _ATTRIBUTE = "__imgapi_access__"
+_PUBLIC_WHEN = "__imgapi_public_when__"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -33,9 +37,28 @@ def public(handler: F) -> F:
     return handler
 
 
+def public_when(setting: str) -> Callable[[F], F]:
+    """Beside `requires(...)`: the route needs no key while the named boolean setting (a
+    Settings field, e.g. "metrics_public") is on. The operator opts in; the scope stays the rule
+    otherwise, and in the document."""
+    if setting not in {f.name for f in fields(Settings)}:
+        raise ValueError(f"unknown setting {setting!r}")
+
+    def declare(handler: F) -> F:
+        setattr(handler, _PUBLIC_WHEN, setting)
+        return handler
+
+    return declare
+
+
 def access_of(handler: Callable[..., Any]) -> str | None:
     """The handler's declaration: a scope, PUBLIC, or None when it has none."""
     return getattr(handler, _ATTRIBUTE, None)
+
+
+def public_when_of(handler: Callable[..., Any]) -> str | None:
+    """The setting that makes the route public (`public_when`), or None."""
+    return getattr(handler, _PUBLIC_WHEN, None)
 
 
 def grants(scopes: tuple[str, ...], needed: str) -> bool:

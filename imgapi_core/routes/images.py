@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from urllib.parse import urlencode
 
 from sanic import Blueprint, HTTPResponse, Request
 
@@ -13,7 +14,7 @@ from imgapi_core.access.scopes import DELETE, READ, UPLOAD, requires
 from imgapi_core.errors import ClientError
 from imgapi_core.events.wait import until_ready, wait_seconds
 from imgapi_core.numbers import whole_number
-from imgapi_core.routes import base_url, json_response, url_maker
+from imgapi_core.routes import base_url, json_response, listing, url_maker
 from imgapi_core.settings import Settings
 from imgapi_core.thumbnails import thumbnail_keys
 
@@ -102,26 +103,21 @@ async def list_images(request: Request) -> HTTPResponse:
     limit = whole_number(args.get("limit", "100"))
     if limit is None or not 1 <= limit <= MAX_LIST_LIMIT:
         raise ClientError(400, f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}")
-    status = args.get("status")
-    if status not in (None, "success", "failed"):
-        raise ClientError(400, "status must be success or failed")
-    before = None
+    query = listing.image_query(request)
+    after = None
     if "cursor" in args:
-        before = records.decode_cursor(args.get("cursor", ""))
-        if before is None:
-            raise ClientError(400, "cursor is not valid: use the Link header of the previous page")
-    rows, jobs = await store.page_with_jobs(limit=limit + 1, before=before, status=status)
+        after = listing.decode_cursor(args.get("cursor", ""), query)
+    rows, jobs, keys = await store.search_with_jobs(query, limit=limit + 1, after=after)
     more = len(rows) > limit
     rows = rows[:limit]
     url = url_maker(request)
     body = [records.record(r, jobs.get(r.sha256 or "", {}), url) for r in rows]
     headers = {}
     if more:
-        last = rows[-1]
-        query = f"limit={limit}&cursor={records.encode_cursor(last.processed_at, last.image_id)}"
-        if status:
-            query += f"&status={status}"
-        headers["Link"] = f'<{base_url(request)}/api/images?{query}>; rel="next"'
+        # The same query, from where this page ends.
+        kept = [(name, value) for name, value in request.query_args if name in listing.FILTERS]
+        kept += [("limit", str(limit)), ("cursor", listing.encode_cursor(query, keys[limit - 1]))]
+        headers["Link"] = f'<{base_url(request)}/api/images?{urlencode(kept)}>; rel="next"'
     return json_response(body, headers=headers)
 
 

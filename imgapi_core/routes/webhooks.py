@@ -3,7 +3,6 @@ Admin only: a delivery shows the receivers' URLs. Neither the body sent nor the 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -15,15 +14,11 @@ from imgapi_core.errors import ClientError
 from imgapi_core.numbers import whole_number
 from imgapi_core.routes import base_url, json_response
 from imgapi_core.store import DELIVERY_STATES, Delivery
+from imgapi_core.timestamps import iso_of
 
 MAX_LIST_LIMIT = 1000
 
 bp = Blueprint("webhooks")
-
-
-def _rfc3339(epoch_s: float) -> str:
-    moment = datetime.fromtimestamp(epoch_s, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def delivery_json(delivery: Delivery) -> dict[str, Any]:
@@ -31,7 +26,7 @@ def delivery_json(delivery: Delivery) -> dict[str, Any]:
     next_attempt_at = None
     if d.state == "pending":
         # Due "at 0" (new, or retried by hand) means due since it was last changed.
-        next_attempt_at = _rfc3339(d.next_attempt_at) if d.next_attempt_at > 0 else d.updated_at
+        next_attempt_at = iso_of(d.next_attempt_at) if d.next_attempt_at > 0 else d.updated_at
     return {
         "delivery_id": d.delivery_id,
         "event": orjson.loads(d.event_json),

@@ -57,6 +57,28 @@ class Record:
     caption: str | None = None
     frames: int | None = None
     orientation: int | None = None
+    # EXIF DateTimeOriginal on the camera's clock, YYYY-MM-DDTHH:MM:SS (no zone: EXIF has none)
+    taken_at: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """What a listing asks for: filters (all must hold), words, and an order. Words match the
+    name, the caption and the camera, each as a prefix ("sun" finds "sunset")."""
+
+    status: str | None = None  # success | failed
+    words: tuple[str, ...] = ()
+    format: str | None = None
+    camera: str | None = None  # the make or the model, whole, case-insensitive
+    taken_after: str | None = None  # YYYY-MM-DDTHH:MM:SS, inclusive
+    taken_before: str | None = None  # exclusive
+    has_gps: bool | None = None
+    uploaded_after: str | None = None  # RFC 3339 UTC as stored, inclusive
+    uploaded_before: str | None = None  # exclusive
+    sort: str = "uploaded"  # uploaded | taken (newest first) | relevance (needs words)
+
+
+SORTS = ("uploaded", "taken", "relevance")
 
 
 @dataclass(frozen=True)
@@ -228,7 +250,17 @@ class Store(Protocol):
         """Newest first; `before` is the (processed_at, image_id) of the last record seen."""
         ...
 
+    async def search_with_jobs(
+        self, query: ImageQuery, *, limit: int, after: tuple[str, str] | None = None
+    ) -> tuple[list[Record], JobsByImage, list[tuple[str, str]]]:
+        """A page of the records the query selects, in its order, their jobs, and each record's
+        position (sort key, image_id): the last one is where the next page starts (`after`)."""
+        ...
+
     async def stats(self) -> Stats: ...
+    async def job_counts(self) -> dict[tuple[str, str], int]:
+        """Jobs by (kind, state)."""
+        ...
 
     # deleting, and what the start-up sweep compares files with
     async def delete_image(self, image_id: str) -> Deleted | None: ...
@@ -360,11 +392,13 @@ __all__ = [
     "FINISHED",
     "JOB_KINDS",
     "JOB_STATES",
+    "SORTS",
     "WEBHOOK_EVENTS",
     "ApiKey",
     "Deleted",
     "Delivery",
     "Event",
+    "ImageQuery",
     "Job",
     "JobState",
     "JobsByImage",

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,7 @@ from imgapi_core.store import (
     Deleted,
     Delivery,
     Event,
+    ImageQuery,
     Job,
     JobsByImage,
     JobState,
@@ -238,6 +240,69 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX deliveries_due ON webhook_deliveries (state, next_attempt_at);
     CREATE INDEX deliveries_newest ON webhook_deliveries (created_at DESC, delivery_id DESC);
+    """,
+    # 10: search. photo_facts holds what filters read from the EXIF (the date taken, on the camera's
+    # clock, as YYYY-MM-DDTHH:MM:SS; make, model, lens; GPS), each indexed; image_text is the
+    # full-text index of each upload (its name, its caption, its camera), rowid = images.rowid.
+    # Triggers keep both right in the transaction of every change of their sources; the images
+    # already there are indexed by the same triggers (a no-op update of their sources).
+    """
+    CREATE TABLE photo_facts (
+      sha256 TEXT PRIMARY KEY REFERENCES metadata(sha256) ON DELETE CASCADE,
+      taken_at TEXT,
+      make TEXT,
+      model TEXT,
+      lens TEXT,
+      has_gps INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX photo_facts_taken ON photo_facts (taken_at);
+    CREATE INDEX photo_facts_make ON photo_facts (make COLLATE NOCASE);
+    CREATE INDEX photo_facts_model ON photo_facts (model COLLATE NOCASE);
+    CREATE VIRTUAL TABLE image_text USING fts5(
+      original_name, caption, camera,
+      tokenize = "unicode61 remove_diacritics 2", prefix = '2 3 4'
+    );
+    CREATE TRIGGER metadata_facts AFTER UPDATE OF exif_json ON metadata
+    WHEN json_valid(new.exif_json)
+    BEGIN
+      INSERT OR REPLACE INTO photo_facts (sha256, taken_at, make, model, lens, has_gps)
+      SELECT new.sha256,
+        CASE WHEN d GLOB
+            '[0-9][0-9][0-9][0-9]:[0-9][0-9]:[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9]*'
+          THEN substr(d, 1, 4) || '-' || substr(d, 6, 2) || '-' || substr(d, 9, 2) || 'T'
+            || substr(d, 12, 8) END,
+        nullif(trim(json_extract(new.exif_json, '$.Make')), ''),
+        nullif(trim(json_extract(new.exif_json, '$.Model')), ''),
+        nullif(trim(json_extract(new.exif_json, '$.LensModel')), ''),
+        json_type(new.exif_json, '$.latitude') IS NOT NULL
+          AND json_type(new.exif_json, '$.longitude') IS NOT NULL
+      FROM (SELECT CAST(coalesce(json_extract(new.exif_json, '$.DateTimeOriginal'),
+                                 json_extract(new.exif_json, '$.DateTime')) AS TEXT) AS d);
+      UPDATE image_text SET camera = (
+          SELECT trim(coalesce(make, '') || ' ' || coalesce(model, '') || ' ' || coalesce(lens, ''))
+          FROM photo_facts WHERE sha256 = new.sha256)
+        WHERE rowid IN (SELECT rowid FROM images WHERE metadata_sha256 = new.sha256);
+    END;
+    CREATE TRIGGER metadata_caption_text AFTER UPDATE OF caption ON metadata
+    BEGIN
+      UPDATE image_text SET caption = new.caption
+        WHERE rowid IN (SELECT rowid FROM images WHERE metadata_sha256 = new.sha256);
+    END;
+    CREATE TRIGGER images_text_insert AFTER INSERT ON images
+    BEGIN
+      INSERT INTO image_text (rowid, original_name, caption, camera)
+      SELECT new.rowid, new.original_name, m.caption,
+        (SELECT trim(coalesce(make, '') || ' ' || coalesce(model, '') || ' '
+                     || coalesce(lens, '')) FROM photo_facts WHERE sha256 = new.metadata_sha256)
+      FROM (SELECT 1) LEFT JOIN metadata m ON m.sha256 = new.metadata_sha256;
+    END;
+    CREATE TRIGGER images_text_delete AFTER DELETE ON images
+    BEGIN
+      DELETE FROM image_text WHERE rowid = old.rowid;
+    END;
+    INSERT INTO image_text (rowid, original_name) SELECT rowid, original_name FROM images;
+    UPDATE metadata SET caption = caption WHERE caption IS NOT NULL;
+    UPDATE metadata SET exif_json = exif_json WHERE exif_json IS NOT NULL;
     """,
 )
 
@@ -622,11 +687,30 @@ class SqliteStore:
     async def page_with_jobs(
         self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
     ) -> tuple[list[Record], JobsByImage]:
-        def snapshot(conn: sqlite3.Connection) -> tuple[list[Record], JobsByImage]:
-            records = [Record(*r) for r in conn.execute(*_page_query(limit, before, status))]
-            return records, _jobs_of(conn, [r.sha256 for r in records if r.sha256])
+        records, jobs, _ = await self.search_with_jobs(
+            ImageQuery(status=status), limit=limit, after=before
+        )
+        return records, jobs
+
+    async def search_with_jobs(
+        self, query: ImageQuery, *, limit: int, after: tuple[str, str] | None = None
+    ) -> tuple[list[Record], JobsByImage, list[tuple[str, str]]]:
+        sql, params = _search_query(query, limit, after)
+
+        def snapshot(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[Record], JobsByImage, list[tuple[str, str]]]:
+            rows = conn.execute(sql, params).fetchall()
+            records = [Record(*row[:_RECORD_FIELDS]) for row in rows]
+            # A float key is written with repr(): it reads back as the same float.
+            keys = [(repr(r[-1]) if isinstance(r[-1], float) else r[-1], r[0]) for r in rows]
+            return records, _jobs_of(conn, [r.sha256 for r in records if r.sha256]), keys
 
         return await self.read(snapshot)
+
+    async def job_counts(self) -> dict[tuple[str, str], int]:
+        rows = await self._fetchall("SELECT kind, state, count(*) FROM jobs GROUP BY kind, state")
+        return {(kind, state): n for kind, state, n in rows}
 
     async def stats(self) -> Stats:
         def snapshot(conn: sqlite3.Connection) -> Stats:
@@ -1111,34 +1195,104 @@ def _api_key(row: sqlite3.Row) -> ApiKey:
 
 
 # Its columns in the order of Record's fields.
-_RECORD_SELECT = (
-    "SELECT i.image_id, i.original_name, i.processed_at, i.error, i.image_path,"
+_RECORD_COLUMNS = (
+    "i.image_id, i.original_name, i.processed_at, i.error, i.image_path,"
     " i.metadata_sha256 AS sha256,"
     " m.width, m.height, m.format, m.size_bytes, m.first_upload, m.exif_json, m.caption,"
-    " s.frames, s.orientation"
-    " FROM images i LEFT JOIN metadata m ON m.sha256 = i.metadata_sha256"
-    " LEFT JOIN image_shape s ON s.sha256 = i.metadata_sha256"
+    " s.frames, s.orientation, f.taken_at"
 )
+_RECORD_JOINS = (
+    " LEFT JOIN metadata m ON m.sha256 = i.metadata_sha256"
+    " LEFT JOIN image_shape s ON s.sha256 = i.metadata_sha256"
+    " LEFT JOIN photo_facts f ON f.sha256 = i.metadata_sha256"
+)
+_RECORD_SELECT = "SELECT " + _RECORD_COLUMNS + " FROM images i" + _RECORD_JOINS
+_RECORD_FIELDS = len(fields(Record))
 
 
-def _page_query(
-    limit: int, before: tuple[str, str] | None, status: str | None
+def _match_expression(words: Sequence[str]) -> str:
+    """Each word as a quoted FTS5 string (nothing in it is query syntax) matched as a prefix;
+    all of them must match."""
+    return " AND ".join('"' + word.replace('"', '""') + '"*' for word in words)
+
+
+def _search_query(
+    q: ImageQuery, limit: int, after: tuple[str, str] | None
 ) -> tuple[str, list[Any]]:
     where: list[str] = []
     params: list[Any] = []
-    if status == "success":
+    if q.status == "success":
         where.append("i.error IS NULL")
-    elif status == "failed":
+    elif q.status == "failed":
         where.append("i.error IS NOT NULL")
-    if before is not None:
-        where.append("(i.processed_at, i.image_id) < (?, ?)")
-        params.extend(before)
-    sql = _RECORD_SELECT
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY i.processed_at DESC, i.image_id DESC LIMIT ?"
-    params.append(limit)
-    return sql, params
+    if q.format is not None:
+        where.append("m.format = ?")
+        params.append(q.format)
+    if q.camera is not None:
+        where.append("(f.make = ? COLLATE NOCASE OR f.model = ? COLLATE NOCASE)")
+        params += [q.camera, q.camera]
+    for column, op, value in (
+        ("f.taken_at", ">=", q.taken_after),
+        ("f.taken_at", "<", q.taken_before),
+        ("i.processed_at", ">=", q.uploaded_after),
+        ("i.processed_at", "<", q.uploaded_before),
+    ):
+        if value is not None:
+            where.append(f"{column} {op} ?")
+            params.append(value)
+    if q.has_gps is not None:
+        where.append("coalesce(f.has_gps, 0) = ?")
+        params.append(int(q.has_gps))
+    source = " FROM images i" + _RECORD_JOINS
+    if q.words:
+        source = " FROM image_text t JOIN images i ON i.rowid = t.rowid" + _RECORD_JOINS
+        where.append("image_text MATCH ?")
+        params.append(_match_expression(q.words))
+    conditions = (" WHERE " + " AND ".join(where)) if where else ""
+
+    # The page is chosen on narrow rows (rowid, id, key), and only its records are read whole:
+    # sorting every match with its EXIF along made common words several times slower.
+    if q.sort == "relevance":
+        # bm25() is lower for a better match. It cannot be compared in the WHERE of its own
+        # query, so the page is cut from a subquery.
+        page = (
+            "SELECT * FROM (SELECT i.rowid AS rid, i.image_id AS iid,"
+            " bm25(image_text) AS sort_key" + source + conditions + ")"
+        )
+        if after is not None:
+            page += " WHERE (sort_key, iid) > (?, ?)"
+            params += [float(after[0]), after[1]]
+        page += " ORDER BY sort_key, iid LIMIT ?"
+        order = "page.sort_key, page.iid"
+    else:
+        key = "i.processed_at" if q.sort == "uploaded" else "coalesce(f.taken_at, '')"
+        if after is not None:
+            conditions += (" AND " if conditions else " WHERE ") + f"({key}, i.image_id) < (?, ?)"
+            params += list(after)
+        page = (
+            f"SELECT i.rowid AS rid, i.image_id AS iid, {key} AS sort_key"
+            + source
+            + conditions
+            + f" ORDER BY {key} DESC, i.image_id DESC LIMIT ?"
+        )
+        order = "page.sort_key DESC, page.iid DESC"
+    if q.sort == "uploaded" and not q.words:
+        # Walked in the order of an index (images_newest or its partial twins): nothing is
+        # sorted, and the page's records are read as it goes.
+        sql = (
+            "SELECT "
+            + _RECORD_COLUMNS
+            + ", i.processed_at AS sort_key"
+            + source
+            + conditions
+            + " ORDER BY i.processed_at DESC, i.image_id DESC LIMIT ?"
+        )
+        return sql, [*params, limit]
+    sql = (
+        "SELECT " + _RECORD_COLUMNS + ", page.sort_key FROM (" + page + ") AS page"
+        " JOIN images i ON i.rowid = page.rid" + _RECORD_JOINS + " ORDER BY " + order
+    )
+    return sql, [*params, limit]
 
 
 def _jobs_of(conn: sqlite3.Connection, sha256s: Iterable[str]) -> JobsByImage:

@@ -49,6 +49,7 @@ METADATA_KEYS = {
     "first_upload",
     "exif",
     "caption",
+    "taken_at",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from store_helpers import add_image
 
-from imgapi_core.store import NotWritable, now_iso
+from imgapi_core.store import ImageQuery, NotWritable, now_iso
 from imgapi_core.store import sqlite as sqlite_store
 from imgapi_core.store.sqlite import SqliteStore as Store
 
@@ -215,6 +215,15 @@ async def test_seed_schema_database_upgrades_in_place(db_path):
         # The seed never finished img123 (its stats row was open) and left nothing that would:
         # closed by the upgrade, it does not count as processing for ever. "new" still does.
         assert stats.processing == 1
+        # The rows that were there are in the search index: by caption, camera and name.
+        for query, expected in (
+            (ImageQuery(words=("cat",)), ["img123"]),
+            (ImageQuery(words=("photo",)), ["img123"]),
+            (ImageQuery(words=("file", "xlsx")), ["img789"]),
+            (ImageQuery(camera="seed"), ["img123"]),
+        ):
+            found, _, _ = await s.search_with_jobs(query, limit=10)
+            assert [r.image_id for r in found] == expected, query
     raw = dict(rows(db_path, "SELECT image_id, image_path FROM images"))
     assert raw == {
         "img123": "originals/img123.jpg",
