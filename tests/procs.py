@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -163,6 +165,15 @@ def start_worker(settings_env: dict[str, str], log: Path, *, burst: bool = False
 
 def redis_server_path() -> str | None:
     return shutil.which("redis-server")
+
+
+def need_redis_server() -> None:
+    """Skips the test without a redis-server binary (the container's test image has none);
+    fails it instead where IMGAPI_REDIS_REQUIRED=1 (CI)."""
+    if redis_server_path() is None:
+        if os.environ.get("IMGAPI_REDIS_REQUIRED") == "1":
+            pytest.fail("redis-server is not installed and IMGAPI_REDIS_REQUIRED=1")
+        pytest.skip("redis-server is not installed")
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ from procs import (
     REPO,
     Proc,
     RedisServer,
+    need_redis_server,
     redis_server,
-    redis_server_path,
     run_command,
     settings_for,
     start_api,
@@ -49,8 +49,7 @@ def jpeg(seed: int) -> bytes:
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_path() is None:
-        pytest.fail("redis-server is not installed")  # CI and the container image have it
+    need_redis_server()
     with redis_server(tmp_path / "redis") as server:
         yield server
 

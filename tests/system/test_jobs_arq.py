@@ -33,7 +33,7 @@ from job_helpers import (
     upload,
     wait_jobs,
 )
-from procs import RedisServer, redis_server, redis_server_path, start_worker
+from procs import RedisServer, need_redis_server, redis_server, start_worker
 from sanic_testing.testing import SanicASGITestClient
 
 from imgapi_core import runtime as runtime_mod
@@ -103,8 +103,7 @@ def arq_setup() -> Iterator[ArqSetup]:
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_path() is None:
-        _unavailable("redis-server is not installed")
+    need_redis_server()
     with redis_server(tmp_path / "redis") as server:
         yield server
 
