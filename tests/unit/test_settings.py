@@ -125,6 +125,15 @@ def test_values_are_normalised():
         ("MAX_FRAMES", "0"),
         ("THUMB_FORMATS", "webp"),  # JPEG is what `*/*` gets: always made
         ("THUMB_FORMATS", "jpeg,png"),
+        ("WEBHOOK_URL", "ftp://hooks.example/in"),
+        ("WEBHOOK_URL", "https://"),
+        ("WEBHOOK_MAX_ATTEMPTS", "0"),
+        ("WEBHOOK_TIMEOUT", "0"),
+        ("EVENTS_HEARTBEAT_SECONDS", "-1"),
+        ("EVENTS_KEEP_SECONDS", "1.5"),
+        ("METRICS_PUBLIC", "maybe"),
+        ("WORKER_METRICS_PORT", "70000"),
+        ("WORKER_METRICS_PORT", "x"),
     ],
 )
 def test_bad_value_raises_settings_error_naming_the_setting(name, value):
@@ -147,6 +156,18 @@ def test_bad_value_in_dotenv_is_named_too(tmp_path):
 )
 def test_good_redis_urls_pass(url):
     assert settings_mod.load(env={"REDIS_URL": url}, dotenv=None).redis_url == url
+
+
+def test_webhook_urls_need_a_secret():
+    # Without one, receivers could not tell a delivery from a forgery.
+    with pytest.raises(SettingsError) as caught:
+        settings_mod.load(env={"WEBHOOK_URL": "https://hooks.example/in"}, dotenv=None)
+    assert str(caught.value).startswith("WEBHOOK_URL needs WEBHOOK_SECRET")
+    cfg = settings_mod.load(
+        env={"WEBHOOK_URL": "https://a.example/x, http://b.example/y", "WEBHOOK_SECRET": "s"},
+        dotenv=None,
+    )
+    assert cfg.webhook_url == ("https://a.example/x", "http://b.example/y")
 
 
 @pytest.mark.parametrize("where", ["env", "dotenv"])
