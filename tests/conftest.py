@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageDraw
+from procs import RedisServer, need_redis_server, redis_server
 from sanic import Sanic
 from sanic_testing.testing import SanicASGITestClient
 
@@ -18,6 +21,25 @@ from imgapi_core.media import thumbnail_key
 
 # The store backends and the fixtures that open them (make_store, store), for the contract tests.
 pytest_plugins = ["store_backends"]
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port, which it may stop and start (skipped
+    without the binary, or failed where IMGAPI_REDIS_REQUIRED=1)."""
+    need_redis_server()
+    with redis_server(tmp_path / "redis") as server:
+        yield server
+
+
+def seeded_jpeg(seed: int) -> bytes:
+    """A small JPEG, distinct per seed: bytes of their own, with jobs of their own."""
+    image = Image.new("RGB", (64, 48), ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
+    ImageDraw.Draw(image).rectangle((seed % 40, 5, seed % 40 + 20, 30), fill=(250, 250, 10))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("IMGAPI_CORPUS", REPO.parent / "shared" / "corpus"))

@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import io
 import ipaddress
 import json
-import os
 import re
 import socket
 import subprocess
@@ -23,8 +21,8 @@ from pathlib import Path
 import httpx
 import procs
 import pytest
-from PIL import Image, ImageDraw
-from procs import Proc, RedisServer, free_port, redis_server, redis_server_path
+from conftest import seeded_jpeg
+from procs import Proc, RedisServer, free_port
 
 pytestmark = [pytest.mark.slow]
 
@@ -32,15 +30,6 @@ TOKEN_RE = re.compile(r"imgapi_[0-9a-f]{12}_[A-Za-z0-9_-]{43}")
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def jpeg(seed: int) -> bytes:
-    """A small JPEG, distinct per seed."""
-    image = Image.new("RGB", (64, 48), ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
-    ImageDraw.Draw(image).rectangle((seed % 40, 5, seed % 40 + 20, 30), fill=(250, 250, 10))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
 
 
 def env_for(root: Path, **extra: str) -> dict[str, str]:
@@ -139,17 +128,6 @@ def procs_to_stop() -> Iterator[list[Proc]]:
         proc.kill()
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_path() is None:
-        message = "redis-server is not installed"
-        if os.environ.get("IMGAPI_REDIS_REQUIRED") == "1":
-            pytest.fail(message + " and IMGAPI_REDIS_REQUIRED=1")
-        pytest.skip(message)
-    with redis_server(tmp_path / "redis") as server:
-        yield server
-
-
 # -- 1. AUTH=auto follows the bind address ------------------------------------------------------
 
 
@@ -202,7 +180,7 @@ def test_keys_cli_against_a_running_server(tmp_path: Path, procs_to_stop: list[P
     env = env_for(tmp_path, AUTH="keys")
     server = start_server(env, tmp_path / "api.log")
     procs_to_stop.append(server)
-    assert_failure(upload(server.url, jpeg(1)), 401)
+    assert_failure(upload(server.url, seeded_jpeg(1)), 401)
     assert image_count(env) == 0
 
     created = keys_cli(env, "create", "alice")
@@ -214,7 +192,7 @@ def test_keys_cli_against_a_running_server(tmp_path: Path, procs_to_stop: list[P
     # Works at once (within a cache reload): an upload with it is stored.
     started = time.monotonic()
     while True:
-        res = upload(server.url, jpeg(2), bearer(token))
+        res = upload(server.url, seeded_jpeg(2), bearer(token))
         if res.status_code == 201 or time.monotonic() - started > 3:
             break
         time.sleep(0.1)
@@ -264,7 +242,7 @@ def test_keys_cli_against_a_running_server(tmp_path: Path, procs_to_stop: list[P
     print(f"revoked key refused after {elapsed:.2f} s")
     assert_failure(res, 401)
     assert res.headers["www-authenticate"].startswith("Bearer")
-    assert_failure(upload(server.url, jpeg(3), bearer(token)), 401)
+    assert_failure(upload(server.url, seeded_jpeg(3), bearer(token)), 401)
     assert image_count(env) == 1
     # Revoking what is no longer active fails.
     assert keys_cli(env, "revoke", "alice").returncode != 0
@@ -335,7 +313,7 @@ def test_a_refused_upload_reads_no_body(tmp_path: Path, procs_to_stop: list[Proc
     assert closed, f"connection still open {time.monotonic() - started:.1f} s after the answer"
 
     # Without Expect, body sent in full: refused all the same, and nothing stored.
-    data = jpeg(7)
+    data = seeded_jpeg(7)
     body = (
         (
             f"--{boundary}\r\n"
@@ -398,13 +376,13 @@ def test_the_upload_rate_limit_is_shared_by_processes_through_redis(
         before = image_count(env)
         for i in range(3):
             server = servers[(i + offset) % 2]
-            res = upload(server.url, jpeg(next(seed)), bearer(token))
+            res = upload(server.url, seeded_jpeg(next(seed)), bearer(token))
             assert res.status_code == 201, (server.url, res.text)
         assert image_count(env) == before + 3
         # The 4th, on the process that has seen only one of this key's uploads (an in-memory
         # limit per process would let it through).
         server = servers[(3 + offset) % 2]
-        res = upload(server.url, jpeg(next(seed)), bearer(token))
+        res = upload(server.url, seeded_jpeg(next(seed)), bearer(token))
         body = assert_failure(res, 429)
         assert "3/minute" in body["error"]
         retry_after = res.headers.get("retry-after", "")
@@ -433,7 +411,7 @@ def test_the_database_holds_no_token(tmp_path: Path, procs_to_stop: list[Proc]) 
     server = start_server(env, tmp_path / "api.log")
     procs_to_stop.append(server)
     token = create_key(env, "keeper", "read,upload,delete")
-    res = upload(server.url, jpeg(42), bearer(token))
+    res = upload(server.url, seeded_jpeg(42), bearer(token))
     assert res.status_code == 201, res.text
     delete_token = res.json()["delete_token"]
     assert isinstance(delete_token, str) and len(delete_token) >= 32

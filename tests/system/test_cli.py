@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from procs import (
     Proc,
     RedisServer,
     free_port,
-    redis_server,
-    redis_server_path,
     run_command,
     settings_for,
     start_api,
@@ -182,17 +179,6 @@ def image_healthcheck() -> list[str]:
     command = json.loads(found.group(1))
     assert command[0] == "python"
     return [sys.executable, *command[1:]]
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_path() is None:
-        message = "redis-server is not installed"
-        if os.environ.get("IMGAPI_REDIS_REQUIRED") == "1":
-            pytest.fail(message + " and IMGAPI_REDIS_REQUIRED=1")
-        pytest.skip(message)
-    with redis_server(tmp_path / "redis") as server:
-        yield server
 
 
 def start_workers(env: dict[str, str], tmp_path: Path, count: int) -> list[Proc]:

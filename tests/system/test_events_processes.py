@@ -6,7 +6,6 @@ reconnects with Last-Event-ID gets what it missed; an idle stream gets heartbeat
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,13 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
+from conftest import seeded_jpeg
 from procs import (
     REPO,
     Proc,
     RedisServer,
-    need_redis_server,
-    redis_server,
     run_command,
     settings_for,
     start_api,
@@ -41,22 +38,11 @@ class Stack:
     worker: Proc
 
 
-def jpeg(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (320, 240), (seed % 256, 90, 200)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    need_redis_server()
-    with redis_server(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def stack(tmp_path: Path, redis: RedisServer) -> Iterator[Stack]:
-    env = settings_for(tmp_path, REDIS_URL=redis.url, WORKER="off", EVENTS_HEARTBEAT_SECONDS="0.5")
+def stack(tmp_path: Path, private_redis: RedisServer) -> Iterator[Stack]:
+    env = settings_for(
+        tmp_path, REDIS_URL=private_redis.url, WORKER="off", EVENTS_HEARTBEAT_SECONDS="0.5"
+    )
     started: list[Proc] = []
     try:
         started.append(start_api(env, tmp_path / "a.log"))
@@ -135,7 +121,7 @@ async def test_events_and_waits_reach_one_api_from_another_and_from_the_worker(
         assert response.headers["cache-control"] == "no-store"
         stream = read_stream(response)
 
-        record = await asyncio.to_thread(upload, stack.b, jpeg(1))  # the other API process
+        record = await asyncio.to_thread(upload, stack.b, seeded_jpeg(1))  # the other API process
         image_id = record["image_id"]
         seen = await events_until(
             stream, lambda e: e.type == "image.ready" and e.data["image_id"] == image_id
@@ -153,7 +139,7 @@ async def test_events_and_waits_reach_one_api_from_another_and_from_the_worker(
         assert event.id == event.data["id"] and event.type == event.data["type"]
 
     # A waiter on A for an upload sent to B, whose jobs the worker runs.
-    other = await asyncio.to_thread(upload, stack.b, jpeg(2))
+    other = await asyncio.to_thread(upload, stack.b, seeded_jpeg(2))
     res = await asyncio.to_thread(
         httpx.get, f"{stack.a.url}/api/images/{other['image_id']}?wait=60", timeout=WITHIN_S
     )
@@ -161,7 +147,7 @@ async def test_events_and_waits_reach_one_api_from_another_and_from_the_worker(
     assert res.json()["data"]["jobs"]["thumbnail"]["state"] == "done"
 
     # And an upload that waits for its own jobs.
-    waited = await asyncio.to_thread(upload, stack.a, jpeg(3), "?wait=60")
+    waited = await asyncio.to_thread(upload, stack.a, seeded_jpeg(3), "?wait=60")
     assert waited["ready"] is True and waited["jobs"]["exif"]["state"] == "done"
 
 
@@ -171,13 +157,14 @@ async def test_a_client_that_reconnects_with_last_event_id_gets_what_it_missed(
     url = f"{stack.a.url}/api/events"
     async with httpx.AsyncClient(timeout=WITHIN_S) as client:
         async with client.stream("GET", url) as response:
-            first = await asyncio.to_thread(upload, stack.a, jpeg(10))
+            first = await asyncio.to_thread(upload, stack.a, seeded_jpeg(10))
             seen = await events_until(read_stream(response), lambda e: e.type == "image.uploaded")
         last_id = seen[-1].id
 
         # Disconnected: these happen while nobody listens.
         missed = [
-            await asyncio.to_thread(upload, stack.b, jpeg(11 + i), "?wait=60") for i in (0, 1)
+            await asyncio.to_thread(upload, stack.b, seeded_jpeg(11 + i), "?wait=60")
+            for i in (0, 1)
         ]
 
         headers = {"Last-Event-ID": str(last_id)}
@@ -241,15 +228,15 @@ def test_the_stream_needs_the_read_scope_in_keys_mode(tmp_path: Path) -> None:
 
 
 async def test_a_shutdown_ends_open_streams_and_waiters_at_once(
-    tmp_path: Path, redis: RedisServer
+    tmp_path: Path, private_redis: RedisServer
 ) -> None:
     """Sanic waits up to its graceful-shutdown timeout (15 s) for open connections: a stream that
     never ends, or a waiter, would hold every restart that long."""
     # WORKER=off and no worker: the upload's jobs stay queued.
-    env = settings_for(tmp_path, REDIS_URL=redis.url, WORKER="off")
+    env = settings_for(tmp_path, REDIS_URL=private_redis.url, WORKER="off")
     api = start_api(env, tmp_path / "api.log")
     try:
-        record = await asyncio.to_thread(upload, api, jpeg(30))
+        record = await asyncio.to_thread(upload, api, seeded_jpeg(30))
         async with httpx.AsyncClient(timeout=WITHIN_S) as client:
             waiter = asyncio.create_task(
                 client.get(f"{api.url}/api/images/{record['image_id']}?wait=60")

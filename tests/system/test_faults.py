@@ -19,7 +19,7 @@ import procs
 import pytest
 from conftest import corpus_folder
 from PIL import ExifTags, Image, ImageDraw
-from procs import Proc, RedisServer, redis_server, redis_server_path, start_api, start_worker
+from procs import Proc, RedisServer, start_api, start_worker
 
 from imgapi_core import imaging
 from imgapi_core.media import thumbnail_key
@@ -38,17 +38,6 @@ def service_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return procs.settings_for(
         tmp_path, SWEEP_SECONDS="0.2", JOB_LEASE_SECONDS="3", LOG_LEVEL="info", **extra
     )
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if redis_server_path() is None:
-        message = "redis-server is not installed (these tests stop and start their own Redis)"
-        if os.environ.get("IMGAPI_REDIS_REQUIRED") == "1":
-            pytest.fail(message + " and IMGAPI_REDIS_REQUIRED=1")
-        pytest.skip(message)
-    with redis_server(tmp_path / "redis") as server:
-        yield server
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from job_helpers import (
     upload,
     wait_jobs,
 )
-from procs import RedisServer, need_redis_server, redis_server, start_worker
+from procs import RedisServer, start_worker
 from sanic_testing.testing import SanicASGITestClient
 
 from imgapi_core import runtime as runtime_mod
@@ -99,13 +99,6 @@ def arq_setup() -> Iterator[ArqSetup]:
     finally:
         setup.cleanup()
         client.close()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    need_redis_server()
-    with redis_server(tmp_path / "redis") as server:
-        yield server
 
 
 def arq_settings(make_settings: Callable[..., Settings], setup: ArqSetup, **env: str) -> Settings:

@@ -5,7 +5,6 @@ the worker's port serves the jobs it ran; the metrics folder is new at start and
 
 from __future__ import annotations
 
-import io
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,14 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import seeded_jpeg
 from metrics_helpers import Series, parse, value
-from PIL import Image
 from procs import (
     Proc,
     RedisServer,
     free_port,
-    need_redis_server,
-    redis_server,
     settings_for,
     start_api,
     start_worker,
@@ -48,15 +45,8 @@ class Stack:
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    need_redis_server()
-    with redis_server(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def stack(tmp_path: Path, redis: RedisServer) -> Iterator[Stack]:
-    env = settings_for(tmp_path, REDIS_URL=redis.url, WORKER="off")
+def stack(tmp_path: Path, private_redis: RedisServer) -> Iterator[Stack]:
+    env = settings_for(tmp_path, REDIS_URL=private_redis.url, WORKER="off")
     port = free_port()
     started: list[Proc] = []
     try:
@@ -70,14 +60,6 @@ def stack(tmp_path: Path, redis: RedisServer) -> Iterator[Stack]:
             proc.kill()
     for proc in started:
         assert "Traceback" not in proc.output(), proc.output()[-3000:]
-
-
-def jpeg(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    # The seed in a comment too: solid colours a step apart can encode to the same bytes.
-    image = Image.new("RGB", (80, 60), (seed % 256, seed // 256 % 256, 120))
-    image.save(buffer, "JPEG", comment=f"seed {seed}".encode())
-    return buffer.getvalue()
 
 
 def upload(api: Proc, data: bytes, name: str = "photo.jpg") -> httpx.Response:
@@ -140,7 +122,7 @@ def test_one_scrape_counts_the_uploads_of_every_server_process_and_the_worker_it
 
     stored = 0
     while stored < MAX_UPLOADS:
-        res = upload(stack.api, jpeg(stored))
+        res = upload(stack.api, seeded_jpeg(stored))
         assert res.status_code == 201, res.text
         stored += 1
         if stored >= 4 and len(answering()) == 2:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import io
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,8 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import procs
 import pytest
-from conftest import multipart, running_app, wait_for
-from PIL import Image, ImageDraw
+from conftest import multipart, running_app, seeded_jpeg, wait_for
 from procs import free_port
 from sanic import Sanic
 from sanic_testing.testing import SanicASGITestClient
@@ -156,19 +154,12 @@ async def hooked_app(
         yield application
 
 
-def jpeg(seed: int) -> bytes:
-    """A small JPEG, distinct per seed: bytes of their own, with jobs of their own."""
-    image = Image.new("RGB", (64, 48), ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
-    ImageDraw.Draw(image).rectangle((seed % 40, 5, seed % 40 + 20, 30), fill=(250, 250, 10))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
-
-
 async def upload(
     client: SanicASGITestClient, seed: int, headers: dict[str, str] | None = None
 ) -> str:
-    _, res = await client.post("/api/images", files=multipart(jpeg(seed)), headers=headers or {})
+    _, res = await client.post(
+        "/api/images", files=multipart(seeded_jpeg(seed)), headers=headers or {}
+    )
     assert res.status == 201, res.text
     return res.json["data"]["image_id"]
 
@@ -385,7 +376,7 @@ async def test_deliveries_missed_before_a_restart_go_out_after_it(tmp_path: Path
     try:
         async with httpx.AsyncClient(base_url=api.url, timeout=15) as http:
             for seed in range(2):
-                res = await http.post("/api/images", files=multipart(jpeg(seed)))
+                res = await http.post("/api/images", files=multipart(seeded_jpeg(seed)))
                 assert res.status_code == 201, res.text
             await wait_for(tried, within=30)
     finally:
