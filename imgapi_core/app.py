@@ -260,9 +260,7 @@ def create_app(settings: object = None, *, own_resources: bool = True) -> Sanic:
         for future in bp._future_routes:
             openapi.exclude()(future.handler)
         app.blueprint(bp)
-    for future in WEB_BLUEPRINT._future_routes:
-        openapi.exclude()(future.handler)
-    app.blueprint(WEB_BLUEPRINT)
+    app.blueprint(WEB_BLUEPRINT)  # its handlers exclude themselves from the document
     app.error_handler.add(Exception, handle_error)
     # Before the guard: its refusals are answers to time too.
     app.on_request(start_clock, priority=200)

@@ -263,6 +263,33 @@ SCHEMAS: dict[str, Any] = {
 
 _NOT_FOUND = _error("no image with this id")
 
+# The cursor pagination of the lists (images, webhook deliveries).
+_PAGE_PARAMETERS = (
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    },
+    {
+        "name": "cursor",
+        "in": "query",
+        "schema": {"type": "string"},
+        "description": "from the previous page's Link header",
+    },
+)
+
+
+def _page(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"Link": _string_header('<url>; rel="next" when more remain')},
+        "content": {
+            "application/json": {
+                "schema": {"type": "array", "items": {"$ref": f"#/components/schemas/{schema}"}}
+            }
+        },
+    }
+
 
 def _date_filter(name: str, description: str) -> dict[str, Any]:
     return {
@@ -326,17 +353,7 @@ PATHS: dict[str, Any] = {
             "operationId": "list_images",
             "summary": "Uploads, newest first; the next page is in the Link header",
             "parameters": [
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                },
-                {
-                    "name": "cursor",
-                    "in": "query",
-                    "schema": {"type": "string"},
-                    "description": "from the previous page's Link header",
-                },
+                *_PAGE_PARAMETERS,
                 {
                     "name": "status",
                     "in": "query",
@@ -382,23 +399,7 @@ PATHS: dict[str, Any] = {
                 },
             ],
             "responses": {
-                "200": {
-                    "description": "a page of records",
-                    "headers": {
-                        "Link": {
-                            "schema": {"type": "string"},
-                            "description": '<url>; rel="next" when more remain',
-                        }
-                    },
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "array",
-                                "items": {"$ref": "#/components/schemas/Record"},
-                            }
-                        }
-                    },
-                },
+                "200": _page("Record", "a page of records"),
                 "400": _error("a bad parameter (the message names it)"),
             },
         },
@@ -603,36 +604,10 @@ PATHS: dict[str, Any] = {
                         "enum": ["pending", "delivering", "delivered", "failed"],
                     },
                 },
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                },
-                {
-                    "name": "cursor",
-                    "in": "query",
-                    "schema": {"type": "string"},
-                    "description": "from the previous page's Link header",
-                },
+                *_PAGE_PARAMETERS,
             ],
             "responses": {
-                "200": {
-                    "description": "a page of deliveries",
-                    "headers": {
-                        "Link": {
-                            "schema": {"type": "string"},
-                            "description": '<url>; rel="next" when more remain',
-                        }
-                    },
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "array",
-                                "items": {"$ref": "#/components/schemas/Delivery"},
-                            }
-                        }
-                    },
-                },
+                "200": _page("Delivery", "a page of deliveries"),
                 "400": _error("bad state, limit or cursor"),
             },
         },

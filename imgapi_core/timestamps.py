@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime
 
 
 def now_iso(ago_s: float = 0.0) -> str:
     """Now (or `ago_s` seconds before): sorts as text, and SQLite's julianday() reads it."""
-    moment = datetime.now(UTC) - timedelta(seconds=ago_s)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_of(time.time() - ago_s)
 
 
 def iso_of(epoch_s: float) -> str:
