@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -77,9 +78,25 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     else:
         # Several processes: each scrape of /metrics sums their metrics, kept in one folder.
+        _spare_the_state_manager(app)
         with metrics.shared_folder():
             Sanic.serve(primary=app, app_loader=loader)
     return 0
+
+
+def _spare_the_state_manager(app: Sanic) -> None:
+    """Sanic.serve starts a multiprocessing manager process that holds its workers' states, then
+    reads them until the workers have stopped. A SIGTERM sent to the whole process group (systemd's
+    default KillMode, `kill -- -PGID`) would end that manager at once, and the server with a
+    BrokenPipeError and exit status 1 before its workers had finished. So the manager is started
+    with SIGTERM ignored (a spawned process inherits that) and ended by Sanic's own shutdown call;
+    everything started after it gets SIGTERM back."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def restore(*_: object) -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    app.register_listener(restore, "main_process_start")
 
 
 def _drop_start_failure_traceback(record: logging.LogRecord) -> bool:

@@ -1,8 +1,9 @@
 """The API keys a process accepts, cached in memory: checking a request's key costs no database
 round trip. The cache is reloaded every second (a key revoked by `imgapi.py keys revoke` stops
 working in every process within that, plus one reload), and when a request carries a key id the
-cache does not know yet (a key created a moment ago). Last-used times are written back in one
-batch per reload, not per request."""
+cache does not know yet (a key created a moment ago): that request waits for a reload begun after
+it arrived, so a key works as soon as the command that created it has returned. Last-used times
+are written back in one batch per reload, not per request."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from imgapi_core.timestamps import now_iso
 log = logging.getLogger("imgapi.access")
 
 REFRESH_S = 1.0
-# Unknown key ids trigger a reload at most this often: a client guessing ids cannot turn every
-# request into a database read.
+# Unknown key ids trigger a reload at most this often (a request waits for the next one): a client
+# guessing ids cannot turn every request into a database read.
 UNKNOWN_RELOAD_S = 0.25
 
 
@@ -30,6 +31,8 @@ class KeyCache:
         self._by_id: dict[str, ApiKey] = {}
         self._used: dict[str, str] = {}
         self._loaded_at = 0.0
+        # When the last finished reload began: it saw every key committed before then.
+        self._read_at = float("-inf")
         self._task: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
 
@@ -51,9 +54,22 @@ class KeyCache:
 
     async def reload(self) -> None:
         async with self._reload_lock:
-            keys = await self.store.active_keys()
-            self._by_id = {key.key_id: key for key in keys}
-            self._loaded_at = time.monotonic()
+            await self._load()
+
+    async def _load(self) -> None:
+        began = time.monotonic()
+        keys = await self.store.active_keys()
+        self._by_id = {key.key_id: key for key in keys}
+        self._read_at, self._loaded_at = began, time.monotonic()
+
+    async def _reload_newer_than(self, asked_at: float) -> None:
+        """A reload that began after `asked_at`: one already done, or a new one, at most one per
+        UNKNOWN_RELOAD_S. Requests waiting together share one."""
+        async with self._reload_lock:
+            if self._read_at > asked_at:
+                return
+            await asyncio.sleep(self._loaded_at + UNKNOWN_RELOAD_S - time.monotonic())
+            await self._load()
 
     async def check(self, token: str) -> ApiKey | None:
         """The key this token belongs to, or None (unknown, revoked, malformed)."""
@@ -61,8 +77,8 @@ class KeyCache:
         if key_id is None:
             return None
         key = self._by_id.get(key_id)
-        if key is None and time.monotonic() - self._loaded_at > UNKNOWN_RELOAD_S:
-            await self.reload()
+        if key is None:
+            await self._reload_newer_than(time.monotonic())
             key = self._by_id.get(key_id)
         if key is None or not tokens.matches(token, key.token_hash):
             return None
