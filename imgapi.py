@@ -3,6 +3,7 @@
 python imgapi.py [--host 127.0.0.1] [--port 8000] [--workers N]
 python imgapi.py --check [--host 127.0.0.1] [--port 8000]
 python imgapi.py keys create NAME [--scopes read,upload] | keys list | keys revoke NAME
+python imgapi.py migrate-store [--to s3://BUCKET/PREFIX] [--database-to postgresql://...]
 sanic imgapi:create_app --factory
 """
 
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from imgapi_core.access import cli
 
         return cli.main(argv[1:])
+    if argv[:1] == ["migrate-store"]:
+        from imgapi_core import migrate
+
+        return migrate.main(argv[1:])
     parser = argparse.ArgumentParser(description="imgapi: image upload and processing service")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

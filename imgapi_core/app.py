@@ -23,7 +23,7 @@ from imgapi_core.errors import ClientError
 from imgapi_core.events.hub import EventHub
 from imgapi_core.events.notify import RedisNotifier, channel_name
 from imgapi_core.housekeeping import sweep_at_start
-from imgapi_core.media import open_media
+from imgapi_core.media import MediaUnavailable, open_media
 from imgapi_core.pipeline import MULTIPART_OVERHEAD, Pipeline
 from imgapi_core.routes import events, images, json_response, media, system, urls_on
 from imgapi_core.routes import jobs as job_routes
@@ -31,7 +31,7 @@ from imgapi_core.routes import metrics as metrics_routes
 from imgapi_core.routes import web as web_routes
 from imgapi_core.routes import webhooks as webhook_routes
 from imgapi_core.settings import Settings
-from imgapi_core.store import open_store
+from imgapi_core.store import StoreUnavailable, open_store
 from imgapi_core.webhooks import WebhookSender
 
 log = logging.getLogger("imgapi")
@@ -48,6 +48,9 @@ BLUEPRINTS = (
 )
 WEB_BLUEPRINT = web_routes.bp
 
+# What a 503 for a database or object store that cannot be reached asks the client to wait.
+UNAVAILABLE_RETRY_AFTER_S = 2
+
 
 async def open_resources(app: Sanic) -> None:
     """Everything a serving process holds. On any failure what was opened is closed again before
@@ -63,12 +66,13 @@ async def open_resources(app: Sanic) -> None:
             cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
             app.ctx.media = await open_media(cfg)
         except OSError as exc:
-            # Names the setting to fix, not only the folder that failed.
-            raise RuntimeError(f"MEDIA_DIR={cfg.media_dir!r}: {exc}") from exc
+            # Names the setting to fix, not only the folder or bucket that failed.
+            raise RuntimeError(f"{settings_mod.media_setting(cfg)}: {exc}") from exc
         try:
             app.ctx.store = await open_store(cfg)
-        except Exception as exc:  # whatever the store refuses, DB_PATH is the setting to look at
-            raise RuntimeError(f"DB_PATH={cfg.db_path!r}: {exc or type(exc).__name__}") from exc
+        except Exception as exc:  # whatever the store refuses, its setting is the one to look at
+            where = settings_mod.database_setting(cfg)
+            raise RuntimeError(f"{where}: {exc or type(exc).__name__}") from exc
         app.ctx.cpu = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="imgapi-cpu"
         )
@@ -77,8 +81,12 @@ async def open_resources(app: Sanic) -> None:
         app.ctx.guard = await open_guard(app.ctx.store, cfg, host, unix)
         await sweep_at_start(app.ctx.store, app.ctx.media, cfg.tmp_dir)
         # Before the jobs start: their first events are followed like every later one.
+        # PostgreSQL wakes every process itself (LISTEN/NOTIFY); SQLite's other processes (arq
+        # workers) publish their commits on Redis.
         notifier = (
-            RedisNotifier(cfg.redis_url, channel_name(cfg.arq_queue)) if cfg.redis_url else None
+            RedisNotifier(cfg.redis_url, channel_name(cfg.arq_queue))
+            if cfg.redis_url and not cfg.database_url
+            else None
         )
         app.ctx.events = EventHub(app.ctx.store, notifier, keep_s=cfg.events_keep_seconds)
         await app.ctx.events.start()
@@ -217,6 +225,16 @@ async def handle_error(request: Request, exc: Exception) -> HTTPResponse:
         message = str(exc) or "error"
         if isinstance(exc, NotFound):
             message = f"no route for {request.method} {request.path}"
+    elif isinstance(exc, StoreUnavailable | MediaUnavailable):
+        # A database or object store restarting is not a bug of this request: the client may
+        # send it again in a moment, and nothing of it was kept.
+        log.warning("%s %s: %s: %s", request.method, request.path, type(exc).__name__, exc)
+        what = "database" if isinstance(exc, StoreUnavailable) else "media storage"
+        return json_response(
+            records.failure(f"the {what} is unavailable; try again shortly"),
+            status=503,
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+        )
     else:
         status, message = 500, "internal server error"
         log.exception("unhandled error on %s %s", request.method, request.path)

@@ -20,7 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from imgapi_core.store import Job, Store
+from imgapi_core.store import Job, Store, StoreUnavailable
 from imgapi_core.timestamps import now_iso
 
 log = logging.getLogger("imgapi.jobs")
@@ -60,6 +60,8 @@ class LocalRunner:
             self._wake.clear()  # before looking, so a wake during the query is not lost
             try:
                 await self._fill()
+            except StoreUnavailable as exc:  # a database restarting: nothing to debug here
+                log.warning("in-process runner could not read due jobs (will retry): %s", exc)
             except Exception:
                 log.exception("in-process runner could not read due jobs; retrying")
             with contextlib.suppress(TimeoutError):
@@ -86,6 +88,10 @@ class LocalRunner:
     async def _run_one(self, job: Job) -> None:
         try:
             await self.run(job.kind, job.sha256)
+        except StoreUnavailable as exc:
+            # run() could not record the outcome: the job's lease lapses and the sweep hands it
+            # out again once the database is back.
+            log.warning("job %s %s: %s (its lease will lapse)", job.kind, job.sha256[:12], exc)
         except Exception:  # run() records its own failures; this is a last resort
             log.exception("job %s %s crashed its runner task", job.kind, job.sha256)
 

@@ -28,8 +28,13 @@ async def sweep_at_start(store: Store, media: Media, tmp_dir: Path) -> None:
     if removed:
         log.info("removed %d upload temp files left by a stopped process", removed)
 
+    originals: set[str] | None = None
+
     async def referenced(keys: list[str]) -> set[str]:
-        originals = await store.original_keys()
+        # Read once per sweep: an object store asks a page of keys at a time.
+        nonlocal originals
+        if originals is None:
+            originals = await store.original_keys()
         thumbs = {key: sha256_of_thumbnail(key) for key in keys}
         known = await store.known_sha256s(sha for sha in thumbs.values() if sha)
         return {key for key in keys if key in originals or thumbs[key] in known}

@@ -23,7 +23,7 @@ from imgapi_core import imaging, metrics, uploads
 from imgapi_core.access import tokens
 from imgapi_core.background import Jobs
 from imgapi_core.errors import ClientError
-from imgapi_core.media import Media, OutOfSpace, original_key
+from imgapi_core.media import Media, MediaUnavailable, OutOfSpace, original_key
 from imgapi_core.numbers import whole_number
 from imgapi_core.settings import Settings
 from imgapi_core.store import NewUpload, Store, now_iso
@@ -232,11 +232,20 @@ class Pipeline:
     async def _store_and_record(self, received: uploads.Received, upload: NewUpload) -> Outcome:
         assert received.temp_path is not None
         try:
-            await self.media.put_file(upload.original_key, received.temp_path)
+            staged = await self.media.stage_file(upload.original_key, received.temp_path)
         except OutOfSpace:
             received.discard()
             return await self.record_failure(
                 upload.image_id, upload.original_name, upload.start_time, uploads.NoSpace()
+            )
+        except MediaUnavailable as exc:
+            received.discard()
+            log.warning("upload %s: %s", upload.image_id, exc)
+            return await self.record_failure(
+                upload.image_id,
+                upload.original_name,
+                upload.start_time,
+                uploads.StorageUnavailable(),
             )
         except BaseException:
             received.discard()
@@ -252,8 +261,14 @@ class Pipeline:
             # Nothing refers to the original: it goes (and the start-up sweep catches it if
             # this process dies first).
             with contextlib.suppress(Exception):
-                await self.media.delete([upload.original_key])
+                await self.media.discard(staged)
             raise
+        try:
+            await self.media.publish(staged)
+        except Exception:
+            # The record is committed and the bytes are stored (staged): the next start-up sweep
+            # publishes them. Until then reads of this original find nothing, and its jobs retry.
+            log.exception("upload %s: stored, but could not publish its original", upload.image_id)
         if dispatch:
             self.jobs.submit(upload.sha256)
         return Outcome(upload.image_id, upload.original_name, upload.processed_at)

@@ -94,6 +94,32 @@ def _public_url(raw: str) -> str:
     return value
 
 
+def _database_url(raw: str) -> str:
+    value = raw.strip()
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must start with postgresql:// (or be empty: SQLite at DB_PATH)")
+    return value
+
+
+def _storage_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if not value:
+        return value
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(
+            "must look like s3://BUCKET or s3://BUCKET/PREFIX (or be empty: MEDIA_DIR)"
+        )
+    return value
+
+
+def _endpoint_url(raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https:// (or be empty: AWS)")
+    return value
+
+
 def _text(raw: str) -> str:
     return raw.strip()
 
@@ -186,6 +212,28 @@ class Settings:
     )
     media_dir: str = setting(
         "./media", _path, "folder for originals/, thumbnails/ and upload temp files"
+    )
+    database_url: str = setting(
+        "",
+        _database_url,
+        "postgresql://user:password@host/db: PostgreSQL instead of SQLite at DB_PATH",
+    )
+    storage_url: str = setting(
+        "",
+        _storage_url,
+        "s3://BUCKET/PREFIX: originals and thumbnails in S3-compatible storage instead of"
+        " MEDIA_DIR (which then holds upload temp files only)",
+    )
+    s3_endpoint_url: str = setting(
+        "", _endpoint_url, "S3 API endpoint (MinIO, Garage, R2, ...); empty: AWS"
+    )
+    aws_access_key_id: str = setting("", _text, "S3 access key (empty: the AWS default chain)")
+    aws_secret_access_key: str = setting("", _text, "S3 secret key")
+    aws_region: str = setting("us-east-1", _text, "S3 region")
+    s3_redirect: bool = setting(
+        "0",
+        _flag,
+        "answer image and thumbnail reads with a 302 to a presigned S3 URL instead of streaming",
     )
     redis_url: str = setting(
         "", _redis_url, "Redis for arq jobs; empty runs jobs in-process, no Redis needed"
@@ -338,6 +386,29 @@ class Settings:
         return Settings(**values)
 
 
+def redacted(url: str) -> str:
+    """A URL without its password, fit for a log line or an error message."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def database_setting(settings: Settings) -> str:
+    """The setting that says where the database is, as NAME='value', for error messages."""
+    if settings.database_url:
+        return f"DATABASE_URL={redacted(settings.database_url)!r}"
+    return f"DB_PATH={settings.db_path!r}"
+
+
+def media_setting(settings: Settings) -> str:
+    if settings.storage_url:
+        return f"STORAGE_URL={settings.storage_url!r}"
+    return f"MEDIA_DIR={settings.media_dir!r}"
+
+
 def declared() -> tuple[Setting, ...]:
     """Every setting, in the order of the fields."""
     return tuple(
@@ -384,10 +455,23 @@ def load(
         try:
             values[name.lower()] = parse(raw)
         except ValueError as exc:
-            raise SettingsError(f"{name}={raw!r}: {exc}") from None
+            shown = redacted(raw) if name == "DATABASE_URL" else raw
+            raise SettingsError(f"{name}={shown!r}: {exc}") from None
     _check_combinations(values)
     values.update(overrides)
     return Settings(**values)
+
+
+def parse_value(name: str, raw: str) -> Any:
+    """One setting's value, checked as load() checks it (for a command line option)."""
+    for declared_name, _default, parse, _help in declared():
+        if declared_name == name:
+            try:
+                return parse(raw)
+            except ValueError as exc:
+                shown = redacted(raw) if name == "DATABASE_URL" else raw
+                raise SettingsError(f"{name}={shown!r}: {exc}") from None
+    raise KeyError(name)
 
 
 def _check_combinations(values: Mapping[str, Any]) -> None:
@@ -403,6 +487,9 @@ def _check_combinations(values: Mapping[str, Any]) -> None:
         raise SettingsError(
             "WEBHOOK_URL needs WEBHOOK_SECRET: receivers check each delivery's signature with it"
         )
+
+    if values["s3_redirect"] and not values["storage_url"]:
+        raise SettingsError("S3_REDIRECT=1 needs STORAGE_URL: only S3 objects have presigned URLs")
 
 
 def defaults() -> Settings:

@@ -53,6 +53,15 @@ class NoSpace(ClientError):
         super().__init__(507, "the server has no space left to store this upload")
 
 
+class StorageUnavailable(ClientError):
+    """503: the upload is fine, the object store cannot be reached now; the client may retry."""
+
+    retry_after_s = 2
+
+    def __init__(self) -> None:
+        super().__init__(503, "the media storage is unavailable; try again shortly")
+
+
 @dataclass
 class Received:
     original_name: str = ""

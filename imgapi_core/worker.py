@@ -108,7 +108,8 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
     queue = dispatch.ArqQueue(cfg.redis_url, cfg.arq_queue, redis=ctx["redis"])
     # This worker's job events reach the API processes (waiters, streams, webhooks) through it.
     notifier = RedisNotifier(cfg.redis_url, channel_name(cfg.arq_queue))
-    notifier.attach(store)
+    if not cfg.database_url:  # PostgreSQL tells the API processes itself (LISTEN/NOTIFY)
+        notifier.attach(store)
     ctx["imgapi_notifier"] = notifier
     ctx["imgapi"] = runtime
     ctx["imgapi_store"] = store

@@ -19,8 +19,9 @@ from imgapi_core import app as imgapi_app
 from imgapi_core import settings as settings_mod
 from imgapi_core.media import thumbnail_key
 
-# The store backends and the fixtures that open them (make_store, store), for the contract tests.
-pytest_plugins = ["store_backends"]
+# The scale-out servers (a private PostgreSQL cluster, moto's S3), and the store backends and the
+# fixtures that open them (make_store, store), for the contract tests.
+pytest_plugins = ["services", "store_backends"]
 
 
 @pytest.fixture
@@ -87,15 +88,45 @@ TEST_ENV = {
 }
 
 
+# The engines the API tests run on: the default (SQLite + a local folder) and the scale-out one
+# (PostgreSQL + S3, on the session's private servers, tests/services.py). Every test of tests/api
+# runs on both, but for those marked `local_engines`: they look at the SQLite file or the media
+# folder themselves.
+ENGINES = ("sqlite+local", "postgresql+s3")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engines" not in metafunc.fixturenames:
+        return
+    in_api = metafunc.definition.path.parent.name == "api"
+    local_only = metafunc.definition.get_closest_marker("local_engines") is not None
+    chosen = ENGINES if in_api and not local_only else ENGINES[:1]
+    metafunc.parametrize("engines", chosen, indirect=True)
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path) -> Callable[..., settings_mod.Settings]:
-    """Settings on this test's own database and media folder; keyword arguments are env values."""
+def engines(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """The settings (env values) that put this test's data on its engines."""
+    if request.param == "sqlite+local":
+        return {}
+    s3 = request.getfixturevalue("s3_server")
+    return {
+        "DATABASE_URL": request.getfixturevalue("postgres_url"),
+        **s3.settings(request.getfixturevalue("s3_bucket")),
+    }
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, engines: dict[str, str]) -> Callable[..., settings_mod.Settings]:
+    """Settings on this test's own database and media folder (or PostgreSQL database and bucket);
+    keyword arguments are env values."""
 
     def make(**env: str) -> settings_mod.Settings:
         values = {
             "DB_PATH": str(tmp_path / "data" / "imgapi.db"),
             "MEDIA_DIR": str(tmp_path / "media"),
             **TEST_ENV,
+            **engines,
             **env,
         }
         # WORKER=off without REDIS_URL (no job runner at all: the test runs or inspects the jobs

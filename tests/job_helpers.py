@@ -4,12 +4,12 @@ corpus photos, uploads, waiting for jobs, and the database and media files read 
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import db_query
 from conftest import corpus_folder, multipart, originals_dir, thumbnail_file, wait_for
 from sanic_testing.testing import SanicASGITestClient
 
@@ -31,26 +31,16 @@ def unique_jpeg(data: bytes, tag: str | None = None) -> bytes:
     return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
 
 
-def db_rows(cfg: Settings, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+def db_rows(cfg: Settings, sql: str, params: Iterable[Any] = ()) -> list[Any]:
     """Reads the app's database directly, on a connection of its own."""
-    conn = sqlite3.connect(cfg.db_path, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute(sql, tuple(params)))
-    finally:
-        conn.close()
+    return db_query.fetch(cfg, sql, params)
 
 
 def db_write(cfg: Settings, sql: str, params: Iterable[Any] = ()) -> int:
-    conn = sqlite3.connect(cfg.db_path, timeout=30)
-    try:
-        with conn:
-            return conn.execute(sql, tuple(params)).rowcount
-    finally:
-        conn.close()
+    return db_query.execute(cfg, sql, params)
 
 
-def job_rows(cfg: Settings, sha256: str) -> dict[str, sqlite3.Row]:
+def job_rows(cfg: Settings, sha256: str) -> dict[str, Any]:
     rows = db_rows(cfg, "SELECT * FROM jobs WHERE sha256 = ?", (sha256,))
     return {row["kind"]: row for row in rows}
 

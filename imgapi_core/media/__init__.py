@@ -1,8 +1,9 @@
 """The media interface: where originals and thumbnails live, addressed by storage keys.
 
 The database holds keys like `originals/{image_id}.jpg` and `thumbnails/small/{sha256}.jpeg`, never
-a server path, so the data folder (or, later, a bucket) can move. One protocol, implemented by a
-local folder today (imgapi_core.media.local); `open_media(settings)` gives the configured one.
+a server path, so the data folder or bucket can move. One protocol, two implementations: a local
+folder (imgapi_core.media.local) and S3-compatible object storage (imgapi_core.media.s3);
+`open_media(settings)` gives the configured one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ class MediaMissing(FileNotFoundError):
 
 class OutOfSpace(OSError):
     """The media store has no room for what was written (ENOSPC, EDQUOT)."""
+
+
+class MediaUnavailable(ConnectionError):
+    """The object store cannot be reached now (down, timing out, refusing): worth a retry. The API
+    answers 503 with Retry-After."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An original written by stage_file: durable, but under `key` only once published."""
+
+    key: str
+    token: str = ""  # the implementation's handle (an S3 multipart upload id)
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,26 @@ class Media(Protocol):
         """Moves a finished local file under `key`, durably; never a partial object there."""
         ...
 
+    async def stage_file(self, key: str, source: Path) -> Staged:
+        """The first half of storing an upload's original: its bytes moved into the store,
+        durably, but (where the store can) not readable under `key` until publish(). The
+        upload's record commits in between. A process that dies before publish leaves something
+        sweep_orphans completes (when a record refers to the key) or removes (when none does)."""
+        ...
+
+    async def publish(self, staged: Staged) -> None: ...
+
+    async def discard(self, staged: Staged) -> None:
+        """Undoes stage_file (the record did not commit); a missing stage is fine."""
+        ...
+
+    async def presigned_url(
+        self, key: str, expires_s: int, content_type: str, filename: str | None = None
+    ) -> str | None:
+        """A URL a client can GET the object from directly, valid for expires_s; None where the
+        store has none (a local folder). `filename` asks for a Content-Disposition."""
+        ...
+
     async def put_bytes(self, key: str, data: bytes) -> None:
         """Derived data (thumbnails): whole or absent, but not necessarily durable."""
         ...
@@ -117,11 +151,17 @@ class Media(Protocol):
 
     async def sweep_orphans(self, referenced: Referenced, older_than: float) -> int:
         """Removes objects older than `older_than` (epoch seconds) that `referenced` does not
-        claim, and leftovers of interrupted writes; returns how many went."""
+        claim, and leftovers of interrupted writes; publishes staged originals that a record
+        refers to; returns how many went."""
         ...
 
 
 async def open_media(settings: Settings) -> Media:
+    """STORAGE_URL picks S3; unset, the local MEDIA_DIR."""
+    if settings.storage_url:
+        from imgapi_core.media.s3 import S3Media
+
+        return await S3Media.from_settings(settings).open()
     from imgapi_core.media.local import LocalMedia
 
     return await LocalMedia(Path(settings.media_dir)).open()

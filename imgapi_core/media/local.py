@@ -23,6 +23,7 @@ from imgapi_core.media import (
     MediaStat,
     OutOfSpace,
     Referenced,
+    Staged,
     is_valid_key,
 )
 
@@ -87,6 +88,23 @@ class LocalMedia:
                 with contextlib.suppress(FileNotFoundError):
                     dest.unlink()
                 raise
+
+    async def stage_file(self, key: str, source: Path) -> Staged:
+        # A rename into place is already atomic and durable; an original the record never
+        # committed for is an orphan the start-up sweep removes.
+        await self.put_file(key, source)
+        return Staged(key)
+
+    async def publish(self, staged: Staged) -> None:
+        return None
+
+    async def discard(self, staged: Staged) -> None:
+        await self.delete([staged.key])
+
+    async def presigned_url(
+        self, key: str, expires_s: int, content_type: str, filename: str | None = None
+    ) -> str | None:
+        return None
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(self._put_bytes, self.path(key), data)

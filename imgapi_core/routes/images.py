@@ -69,7 +69,9 @@ async def upload(request: Request) -> HTTPResponse:
             original_name=outcome.original_name,
             processed_at=outcome.processed_at,
         )
-        return json_response(body, status=outcome.error.status)
+        retry_after = getattr(outcome.error, "retry_after_s", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        return json_response(body, status=outcome.error.status, headers=headers)
     record, jobs = await until_ready(
         request.app.ctx.store, request.app.ctx.events, outcome.image_id, wait
     )

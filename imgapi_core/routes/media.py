@@ -60,6 +60,15 @@ async def get_thumbnail(request: Request, image_id: str, size: str) -> HTTPRespo
         return HTTPResponse(status=304, headers=headers)
     media = request.app.ctx.media
     key = thumbnail_key(size, sha256, fmt)
+    content_type = formats.THUMB_CONTENT_TYPES[fmt]
+    if redirects(request):
+        if await media.stat(key) is None:
+            await render_on_demand(request.app, sha256)
+            if await media.stat(key) is None:
+                raise ClientError(404, f"no image with id {image_id!r}")
+        moved = await redirect_to(request, key, content_type, vary="Accept")
+        if moved is not None:
+            return moved
     try:
         data = await media.read_bytes(key)
     except MediaMissing:
@@ -69,7 +78,7 @@ async def get_thumbnail(request: Request, image_id: str, size: str) -> HTTPRespo
         except MediaMissing:
             # Rendered, then removed by a delete of the image that ran meanwhile.
             raise ClientError(404, f"no image with id {image_id!r}") from None
-    return raw(data, content_type=formats.THUMB_CONTENT_TYPES[fmt], headers=headers)
+    return raw(data, content_type=content_type, headers=headers)
 
 
 def thumbnail_format(request: Request, enabled: tuple[str, ...]) -> str:
@@ -128,6 +137,54 @@ async def _render(app: Sanic, sha256: str) -> None:
         raise ClientError(422, f"thumbnail cannot be made: {exc.message}") from None
 
 
+# -- S3_REDIRECT --------------------------------------------------------------------------------
+
+# The longest a presigned URL handed out in a redirect lives, whatever SIGNED_URL_TTL says: the
+# client follows it at once, and a URL that leaks should not open the object for days.
+REDIRECT_MAX_S = 24 * 3600
+# A caller on a signed URL about to expire still gets time to follow the redirect.
+REDIRECT_MIN_S = 10
+
+
+def redirects(request: Request) -> bool:
+    """S3_REDIRECT answers a GET with a 302 to the object. Not a HEAD: a presigned URL is signed
+    for GET only, and S3 refuses a HEAD on it."""
+    return request.app.ctx.settings.s3_redirect and request.method == "GET"
+
+
+def presigned_seconds(request: Request) -> int:
+    """SIGNED_URL_TTL, capped; no longer than the caller's own signed URL still has to live,
+    so a redirect never extends the access the caller was given."""
+    cfg: Settings = request.app.ctx.settings
+    seconds = min(cfg.signed_url_ttl, REDIRECT_MAX_S)
+    caller = getattr(request.ctx, "caller", None)
+    if caller is not None and caller.signed_exp is not None:
+        left = request.app.ctx.guard.signer.seconds_left(caller.signed_exp)
+        seconds = min(seconds, max(left, REDIRECT_MIN_S))
+    return seconds
+
+
+async def redirect_to(
+    request: Request,
+    key: str,
+    content_type: str,
+    filename: str | None = None,
+    vary: str | None = None,
+) -> HTTPResponse | None:
+    """A 302 to a presigned URL of the object, or None where the media store has none. Called
+    only after the route's access checks: a refused request is never redirected."""
+    seconds = presigned_seconds(request)
+    url = await request.app.ctx.media.presigned_url(key, seconds, content_type, filename)
+    if url is None:
+        return None
+    # The 302 may be reused only while its URL still has time to be followed; never by a shared
+    # cache (the URL is a credential). No ETag: it would name the image, not this answer.
+    headers = {"Location": url, "Cache-Control": f"private, max-age={seconds // 2}"}
+    if vary:
+        headers["Vary"] = vary
+    return HTTPResponse(status=302, headers=headers)
+
+
 # -- the original -------------------------------------------------------------------------------
 
 
@@ -166,6 +223,15 @@ async def _send_original(request: Request, record: Record, reader: Reader) -> HT
     precondition_check(request, etag, modified)
     if not_modified(request, etag, modified):
         return HTTPResponse(status=304, headers=headers)
+    assert record.format and record.width and record.height and record.original_key
+    content_type = imaging.image_info(record.format, record.width, record.height).content_type
+    if redirects(request):
+        # Conditions on this ETag were answered above; a Range goes on to S3 with the client.
+        moved = await redirect_to(
+            request, record.original_key, content_type, filename=record.original_name
+        )
+        if moved is not None:
+            return moved
     try:
         span = requested_range(request, size, etag, modified)
     except RangeNotSatisfiable:
@@ -180,8 +246,6 @@ async def _send_original(request: Request, record: Record, reader: Reader) -> HT
         headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
     # A known length: Sanic's HTTP/1 then frames the stream with it instead of chunking.
     headers["Content-Length"] = str(length)
-    assert record.format and record.width and record.height
-    content_type = imaging.image_info(record.format, record.width, record.height).content_type
     response = await request.respond(status=status, headers=headers, content_type=content_type)
     # sanic-ext answers HEAD with this GET handler; Sanic would drop the body, so skip reading
     # it. The headers (Content-Length included) are the GET's.

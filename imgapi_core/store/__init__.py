@@ -213,6 +213,11 @@ class NotWritable(RuntimeError):
     """The database can be read but not written (a read-only file, folder or mount)."""
 
 
+class StoreUnavailable(ConnectionError):
+    """The database server cannot be reached now (restarting, network down): worth a retry. The
+    API answers 503 with Retry-After; nothing half-written is left (the transaction rolled back)."""
+
+
 JobsByImage = dict[str, dict[str, JobState]]
 
 
@@ -265,6 +270,11 @@ class Store(Protocol):
     # deleting, and what the start-up sweep compares files with
     async def delete_image(self, image_id: str) -> Deleted | None: ...
     async def original_keys(self) -> set[str]: ...
+    async def original_hashes(self) -> dict[str, str]:
+        """Storage key of every stored original -> the SHA-256 of its bytes (migrate-store
+        checks each copy against it)."""
+        ...
+
     async def known_sha256s(self, sha256s: Iterable[str]) -> set[str]:
         """Those of `sha256s` that some stored image still refers to."""
         ...
@@ -380,7 +390,12 @@ class Store(Protocol):
 
 
 async def open_store(settings: Settings) -> Store:
-    """The configured store, opened: migrations applied, writability checked."""
+    """The configured store, opened: migrations applied, writability checked. DATABASE_URL picks
+    PostgreSQL; unset, SQLite at DB_PATH."""
+    if settings.database_url:
+        from imgapi_core.store.postgres import PostgresStore
+
+        return await PostgresStore(settings.database_url, webhook_urls=settings.webhook_url).open()
     from imgapi_core.store.sqlite import SqliteStore
 
     return await SqliteStore(settings.db_path, webhook_urls=settings.webhook_url).open()
@@ -409,6 +424,7 @@ __all__ = [
     "Record",
     "Stats",
     "Store",
+    "StoreUnavailable",
     "all_finished",
     "now_iso",
     "open_store",

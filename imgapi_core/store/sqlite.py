@@ -765,6 +765,12 @@ class SqliteStore:
         rows = await self._fetchall("SELECT image_path FROM images WHERE image_path IS NOT NULL")
         return {r[0] for r in rows}
 
+    async def original_hashes(self) -> dict[str, str]:
+        rows = await self._fetchall(
+            "SELECT image_path, sha256 FROM images WHERE image_path IS NOT NULL"
+        )
+        return {r[0]: r[1] for r in rows}
+
     async def known_sha256s(self, sha256s: Iterable[str]) -> set[str]:
         wanted = list(dict.fromkeys(sha256s))
         found: set[str] = set()

@@ -4,17 +4,16 @@ sanic-testing's ASGI client: the records' shapes, test images, uploads, the erro
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import re
-import sqlite3
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import db_query
 import pytest
 from conftest import multipart
 from PIL import Image, ImageChops, ImageStat
@@ -130,11 +129,10 @@ async def upload_ok(client, data: bytes, name: str = "photo.jpg", ctype: str = "
 
 
 def db_rows(cfg: settings_mod.Settings, sql: str, *params: Any) -> list[tuple]:
-    with contextlib.closing(sqlite3.connect(cfg.db_path)) as conn:
-        return conn.execute(sql, params).fetchall()
+    return [tuple(row) for row in db_query.fetch(cfg, sql, params)]
 
 
-def db_count(cfg: settings_mod.Settings, table: str, where: str = "1", *params: Any) -> int:
+def db_count(cfg: settings_mod.Settings, table: str, where: str = "true", *params: Any) -> int:
     return db_rows(cfg, f"SELECT count(*) FROM {table} WHERE {where}", *params)[0][0]
 
 

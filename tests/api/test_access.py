@@ -5,11 +5,11 @@ CORS and the security headers. Real processes: test_access_processes.py."""
 from __future__ import annotations
 
 import io
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import parse_qs, urlsplit
 
+import db_query
 import pytest
 from conftest import multipart, running_app
 from PIL import Image
@@ -43,11 +43,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def db_count(cfg: settings_mod.Settings, table: str) -> int:
-    conn = sqlite3.connect(cfg.db_path)
-    try:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    finally:
-        conn.close()
+    return db_query.fetch(cfg, f"SELECT count(*) FROM {table}")[0][0]
 
 
 @pytest.fixture
@@ -230,6 +226,7 @@ def test_signer_rounds_expiry_up_and_verifies():
     assert later.verify("/p", str(exp), query["sig"][0]) == EXPIRED
 
 
+@pytest.mark.local_engines
 async def test_url_secret_setting_signs_the_same_in_every_process(make_settings):
     cfg = make_settings(AUTH="keys", URL_SECRET="shared-secret")
     async with running_app(cfg) as first:

@@ -3,6 +3,7 @@ the one error shape for every client error, and no server path in any answer."""
 
 from __future__ import annotations
 
+import pytest
 from api_helpers import (
     assert_error_shape,
     assert_no_server_path,
@@ -42,6 +43,7 @@ async def test_unknown_route_is_404_in_the_error_shape(client):
 # -- the error shape everywhere -----------------------------------------------------------------
 
 
+@pytest.mark.local_engines
 async def test_every_client_error_has_the_error_shape(client, cfg):
     body = await upload_ok(client, jpeg_bytes())
     image_id = body["data"]["image_id"]

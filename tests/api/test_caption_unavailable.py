@@ -165,6 +165,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.caption
+@pytest.mark.local_engines
 async def test_an_image_the_captioner_cannot_decode_fails_its_caption_job(
     make_settings, tmp_path: Path, tiny_model: Path
 ) -> None:

@@ -61,6 +61,7 @@ def files_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
+@pytest.mark.local_engines
 async def test_every_photo_uploads_with_its_true_size_and_format(client, cfg, photos):
     rows = manifest("photos")
     assert len(rows) >= 20
@@ -164,6 +165,7 @@ async def check_stored(client, name: str, image_id: str, data: bytes) -> list[st
     return problems
 
 
+@pytest.mark.local_engines
 async def test_every_hostile_file_is_refused_clearly_or_accepted_cleanly(client, cfg, hostile):
     rows = manifest("hostile")
     assert len(rows) >= 40

@@ -56,6 +56,7 @@ async def upload_all(
     return bodies
 
 
+@pytest.mark.local_engines
 async def test_every_orientation_gives_an_upright_thumbnail(
     client: SanicASGITestClient, cfg: Settings, photos: Path
 ) -> None:
@@ -107,6 +108,7 @@ async def test_nan_gps_photos_give_valid_json_without_coordinates(
     assert len(json.loads(res.text, parse_constant=no_nan)) == len(NAN_GPS)
 
 
+@pytest.mark.local_engines
 async def test_hostile_files_that_pass_validation_leave_the_runner_alive(
     app, client: SanicASGITestClient, cfg: Settings, hostile: Path, photos: Path
 ) -> None:

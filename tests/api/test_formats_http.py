@@ -91,6 +91,7 @@ async def test_each_format_has_its_own_etag(client, samples):
     assert len(tags) == 2
 
 
+@pytest.mark.local_engines
 async def test_avif_thumbnails_when_enabled(make_settings, samples):
     cfg = make_settings(THUMB_FORMATS="jpeg,webp,avif")
     async with running_app(cfg) as app:
@@ -115,6 +116,7 @@ async def test_a_format_that_is_not_made_is_400(client, samples):
     assert res.status == 400 and "jpeg, webp" in res.json["error"]
 
 
+@pytest.mark.local_engines
 async def test_the_content_decides_jpeg_bytes_named_png(client, samples, cfg):
     body = await upload(client, samples["jpeg"], "really-a-jpeg.png", "image/png")
     assert body["data"]["metadata"]["format"] == "jpeg"
@@ -147,6 +149,7 @@ async def test_allowed_formats_narrow_uploads(make_settings, samples):
 
 
 @pytest.mark.parametrize("name", ["heic", "avif", "webp", "tiff", "animated-gif"])
+@pytest.mark.local_engines
 async def test_a_broken_file_of_each_format_is_recorded_and_leaves_nothing(
     client, cfg, samples, name
 ):

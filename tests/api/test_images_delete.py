@@ -3,6 +3,7 @@ thumbnails go; bytes shared by another upload stay until the last one goes."""
 
 from __future__ import annotations
 
+import pytest
 from api_helpers import (
     THUMB_BOXES,
     XLSX,
@@ -23,6 +24,7 @@ from conftest import originals_dir, thumbnails_dir
 
 
 @no_worker
+@pytest.mark.local_engines
 async def test_delete_removes_record_and_original(client, cfg):
     body = await upload_ok(client, jpeg_bytes(), "gone.jpg")
     image_id = body["data"]["image_id"]
@@ -50,6 +52,7 @@ async def test_delete_of_a_failed_upload(client, cfg):
 
 
 @no_worker
+@pytest.mark.local_engines
 async def test_delete_keeps_shared_bytes_until_the_last_upload_goes(client, cfg):
     data = exif_jpeg()
     digest = sha256(data)

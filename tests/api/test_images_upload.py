@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 from api_helpers import (
     THUMB_BOXES,
     XLSX,
@@ -63,6 +64,7 @@ async def test_upload_success_answers_201_with_the_contract_record(client, cfg):
     assert_no_server_path(res, cfg)
 
 
+@pytest.mark.local_engines
 async def test_upload_stores_the_same_bytes_under_originals(client, cfg):
     data = png_bytes()
     body = await upload_ok(client, data, "diagram.PNG", "image/png")
@@ -74,6 +76,7 @@ async def test_upload_stores_the_same_bytes_under_originals(client, cfg):
     assert files_in(cfg.tmp_dir) == []
 
 
+@pytest.mark.local_engines
 async def test_finished_jobs_fill_in_exif_and_job_states(client, cfg):
     data = exif_jpeg()
     body = await upload_ok(client, data, "camera.jpeg")
@@ -91,6 +94,7 @@ async def test_finished_jobs_fill_in_exif_and_job_states(client, cfg):
         assert (thumbnails_dir(cfg) / size_name / f"{sha256(data)}.jpeg").is_file()
 
 
+@pytest.mark.local_engines
 async def test_client_file_name_is_never_a_path(client, cfg):
     data = jpeg_bytes()
     name = "../../../evil.jpg"
@@ -238,6 +242,7 @@ async def test_declared_content_length_over_the_cap_is_413_at_once(client, cfg):
 
 
 @with_env(MAX_UPLOAD_BYTES="100000")
+@pytest.mark.local_engines
 async def test_chunked_body_with_a_huge_non_file_field_is_413(client, cfg):
     """The cap covers the whole body, not only the file part: a form field of megabytes sent
     without a Content-Length must not be read to its end."""
@@ -256,6 +261,7 @@ async def test_chunked_body_with_a_huge_non_file_field_is_413(client, cfg):
 
 
 @no_worker
+@pytest.mark.local_engines
 async def test_same_bytes_twice_share_metadata_and_jobs(app, client, cfg):
     data = exif_jpeg()
     first = (await upload_ok(client, data, "a.jpg"))["data"]

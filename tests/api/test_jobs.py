@@ -38,6 +38,7 @@ from imgapi_core.settings import Settings
 # -- mode 1: jobs in the API process ----------------------------------------------------------
 
 
+@pytest.mark.local_engines
 async def test_upload_runs_its_jobs_in_process(client: SanicASGITestClient, cfg: Settings) -> None:
     assert not cfg.redis_url and cfg.worker == "inline"
     body = await upload(client, photo_bytes(SMALL_PHOTO), "x100f.jpg")
@@ -89,6 +90,7 @@ async def test_upload_runs_its_jobs_in_process(client: SanicASGITestClient, cfg:
     }
 
 
+@pytest.mark.local_engines
 async def test_duplicate_upload_runs_no_new_jobs(
     client: SanicASGITestClient, cfg: Settings
 ) -> None:
@@ -159,6 +161,7 @@ async def runtime(quiet_app: Sanic) -> AsyncIterator[jobs.Runtime]:
         await rt.close()
 
 
+@pytest.mark.local_engines
 async def test_done_job_is_not_run_again_and_a_forced_rerun_is_identical(
     quiet_app: Sanic, runtime: jobs.Runtime
 ) -> None:
@@ -324,6 +327,7 @@ async def test_transient_errors_with_the_in_process_runner(
         assert record["data"]["metadata"]["exif"]["Make"] == "FUJIFILM"
 
 
+@pytest.mark.local_engines
 async def test_permanent_errors_fail_at_once_and_the_runner_carries_on(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -368,6 +372,7 @@ async def test_permanent_errors_fail_at_once_and_the_runner_carries_on(
 # -- recovery ----------------------------------------------------------------------------------
 
 
+@pytest.mark.local_engines
 async def test_job_left_running_by_a_dead_runner_is_rerun_after_its_lease(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -395,6 +400,7 @@ async def test_job_left_running_by_a_dead_runner_is_rerun_after_its_lease(
     assert thumbnail_files(off, sha256)["small"].exists()
 
 
+@pytest.mark.local_engines
 async def test_api_restart_loses_no_job(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:

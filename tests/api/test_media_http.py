@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from conftest import multipart, originals_dir
 from PIL import Image
 
@@ -271,6 +272,7 @@ async def test_if_match_and_if_unmodified_since_answer_412_when_they_fail(client
         assert_whole(res, data, str(headers))
 
 
+@pytest.mark.local_engines
 async def test_original_whose_file_is_gone_is_404(client, cfg):
     data = noise_png(40)
     url, record = await uploaded_original(client, data)

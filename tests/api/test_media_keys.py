@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import running_app, wait_for
 from job_helpers import upload, wait_jobs
 from PIL import Image
@@ -41,6 +42,7 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.mark.local_engines
 async def test_originals_are_found_after_the_media_folder_moves(make_settings, tmp_path):
     old = make_settings(MEDIA_DIR=str(tmp_path / "small-disk" / "media"))
     async with running_app(old) as app:
@@ -64,6 +66,7 @@ async def test_originals_are_found_after_the_media_folder_moves(make_settings, t
             assert res.status == 200
 
 
+@pytest.mark.local_engines
 async def test_no_thumbnail_of_an_image_deleted_while_its_job_runs(app, client, cfg, monkeypatch):
     rendering, go_on = threading.Event(), threading.Event()
     real_render = imaging.render_thumbnail_set
@@ -88,6 +91,7 @@ async def test_no_thumbnail_of_an_image_deleted_while_its_job_runs(app, client, 
     assert [p for p in files_under(thumbs) if sha256 in p.name] == []
 
 
+@pytest.mark.local_engines
 async def test_the_start_up_sweep_removes_orphan_thumbnails_and_originals(make_settings):
     cfg = make_settings()
     async with running_app(cfg) as app:
@@ -111,6 +115,7 @@ async def test_the_start_up_sweep_removes_orphan_thumbnails_and_originals(make_s
     assert files_under(media / "thumbnails") == kept
 
 
+@pytest.mark.local_engines
 async def test_a_delete_leaves_no_file_of_the_image(client, cfg):
     body = await upload(client, jpeg(), "bye.jpg")
     image_id = body["data"]["image_id"]

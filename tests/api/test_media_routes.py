@@ -4,6 +4,7 @@ requests and byte ranges: test_media_http.py.)"""
 
 from __future__ import annotations
 
+import pytest
 from api_helpers import (
     THUMB_BOXES,
     THUMB_CACHE,
@@ -42,6 +43,7 @@ async def test_thumbnail_size_other_than_small_or_medium_is_400(client):
 
 
 @no_worker
+@pytest.mark.local_engines
 async def test_thumbnails_are_made_on_demand_upright_and_clean(client, cfg, photos):
     thumbs: dict[tuple[int, str], Image.Image] = {}
     ids: dict[int, str] = {}

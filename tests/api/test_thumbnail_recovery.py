@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from conftest import multipart, thumbnail_file
 from PIL import Image
 from sanic_testing.testing import SanicASGITestClient
@@ -11,6 +12,7 @@ from sanic_testing.testing import SanicASGITestClient
 from imgapi_core import app as imgapi_app
 
 
+@pytest.mark.local_engines
 async def test_an_empty_thumbnail_left_by_a_crash_is_rendered_again(make_settings, photos) -> None:
     cfg = make_settings(WORKER="off")  # no runner: the route alone makes thumbnails
     app = imgapi_app.create_app(cfg, own_resources=False)

@@ -6,7 +6,6 @@ error shape and recorded like any other failure."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import io
 import os
@@ -15,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import db_query
 import pytest
 from conftest import originals_dir
 from PIL import Image
@@ -48,8 +48,7 @@ def form(disposition_extra: bytes, data: bytes, ctype: bytes = b"image/jpeg") ->
 
 
 def db_rows(cfg: settings_mod.Settings, sql: str, *params: Any) -> list[tuple]:
-    with contextlib.closing(sqlite3.connect(cfg.db_path)) as conn:
-        return conn.execute(sql, params).fetchall()
+    return [tuple(row) for row in db_query.fetch(cfg, sql, params)]
 
 
 def files_in(folder: Path) -> list[Path]:
@@ -234,6 +233,7 @@ def fail_with(monkeypatch: pytest.MonkeyPatch, where: str, media: Path, err: int
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
 @pytest.mark.parametrize("where", ["write", "fsync", "rename", "directory fsync"])
+@pytest.mark.local_engines
 async def test_full_disk_is_507_and_recorded(client, cfg, monkeypatch, where, err):
     """A full disk under MEDIA_DIR was a 500 "internal server error", and not recorded."""
     fail_with(monkeypatch, where, Path(cfg.media_dir).resolve(), err)
@@ -246,6 +246,7 @@ async def test_full_disk_is_507_and_recorded(client, cfg, monkeypatch, where, er
     assert res.status == 201, res.text
 
 
+@pytest.mark.local_engines
 async def test_full_disk_is_507_even_when_the_record_cannot_be_written(
     app: Sanic, client, cfg, monkeypatch
 ):
@@ -262,6 +263,7 @@ async def test_full_disk_is_507_even_when_the_record_cannot_be_written(
     assert files_in(cfg.tmp_dir) == []
 
 
+@pytest.mark.local_engines
 async def test_other_os_errors_are_not_reported_as_a_full_disk(client, cfg, monkeypatch):
     """A failing disk (EIO) is the server's fault and stays a 500; only ENOSPC and EDQUOT are
     the 507 "no space"."""
@@ -312,6 +314,7 @@ async def test_upload_cut_by_its_client_is_recorded_as_such(app: Sanic, cfg):
     assert error == "upload interrupted: the client closed the connection"
 
 
+@pytest.mark.local_engines
 async def test_drain_lets_cancelled_uploads_record_before_the_store_closes(app: Sanic, cfg):
     """On shutdown Sanic cancels the uploads still running, then runs after_server_stop, which
     closes the store: a record written after the cancellation was refused by the closed store
@@ -338,7 +341,8 @@ async def test_drain_lets_cancelled_uploads_record_before_the_store_closes(app: 
     assert files_in(cfg.tmp_dir) == []
 
 
-@pytest.mark.parametrize("step", ["put_file", "record_success"])
+@pytest.mark.parametrize("step", ["stage_file", "record_success"])
+@pytest.mark.local_engines
 async def test_a_client_leaving_while_its_upload_is_stored_and_recorded(
     app: Sanic, cfg, monkeypatch: pytest.MonkeyPatch, step: str
 ):
@@ -346,7 +350,7 @@ async def test_a_client_leaving_while_its_upload_is_stored_and_recorded(
     in the middle (the client left) neither splits it (an original removed under a committed
     record, or a record of an interruption next to the stored image) nor loses the upload."""
     pipeline: pipeline_mod.Pipeline = app.ctx.pipeline
-    target = app.ctx.media if step == "put_file" else app.ctx.store
+    target = app.ctx.media if step == "stage_file" else app.ctx.store
     real = getattr(target, step)
     entered, go_on = asyncio.Event(), asyncio.Event()
 

@@ -18,7 +18,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 def settings_table() -> dict[str, str]:
     """The rows of the table under "## Settings" (other tables, e.g. compose's, do not count)."""
     section = README.split("\n## Settings", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([A-Z_]+)` \| (`[^`]*`|\(empty\)) \|", section, flags=re.M)
+    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| (`[^`]*`|\(empty\)) \|", section, flags=re.M)
     return {name: default.strip("`") for name, default in rows}
 
 
