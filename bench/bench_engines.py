@@ -18,7 +18,8 @@ Parts, each engine pair in turn, --rounds times interleaved:
 - end to end: --e2e images, one at a time: from the start of the upload to the small thumbnail's
   bytes received, through `GET /api/images/{id}?wait=30` (woken by the image.ready event) and
   `GET .../thumbnails/small`; p50/p95.
-The API's CPU seconds per upload (process group) are reported for the uploads part.
+CPU per upload during the uploads part: the API's process group, and moto's server, which shares
+the two cores with it (a real object store would run elsewhere).
 
 Prints JSON, then markdown tables.
 """
@@ -71,11 +72,15 @@ async def upload(client: httpx.AsyncClient, url: str, data: bytes, name: str) ->
     return time.perf_counter() - started, res.json()["data"]["image_id"]
 
 
-async def uploads_part(url: str, bodies: list[bytes], concurrency: int, pgid: int) -> dict:
+async def uploads_part(
+    url: str, bodies: list[bytes], concurrency: int, pgid: int, moto_pid: int | None = None
+) -> dict:
     latencies: list[float] = []
     queue = list(enumerate(bodies))
+    moto = [moto_pid] if moto_pid else []
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as client:
         cpu_before = common.cpu_seconds(common.group_pids(pgid))
+        moto_before = common.cpu_seconds(moto)
         started = time.perf_counter()
 
         async def worker() -> None:
@@ -87,11 +92,13 @@ async def uploads_part(url: str, bodies: list[bytes], concurrency: int, pgid: in
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
         cpu = common.cpu_seconds(common.group_pids(pgid)) - cpu_before
+        moto_cpu = common.cpu_seconds(moto) - moto_before
     return {
         "uploads": len(latencies),
         "uploads_per_s": round(len(latencies) / wall, 1),
         "latency_ms": common.latency_ms(latencies),
         "api_cpu_ms_per_upload": round(cpu * 1000 / len(latencies), 1),
+        "moto_cpu_ms_per_upload": round(moto_cpu * 1000 / len(latencies), 1),
     }
 
 
@@ -129,7 +136,9 @@ async def one_round(
         warm = [photo(seed + i) for i in range(8)]
         await uploads_part(api.url, warm, 4, api.pid)
         bodies = [photo(seed + 100 + i) for i in range(args.uploads)]
-        up = await uploads_part(api.url, bodies, args.concurrency, api.pid)
+        up = await uploads_part(
+            api.url, bodies, args.concurrency, api.pid, s3.popen.pid if extra else None
+        )
         e2e = await e2e_part(api.url, [photo(seed + 20_000 + i) for i in range(args.e2e)])
     finally:
         api.stop()
@@ -172,6 +181,7 @@ def tables(report: dict[str, Any]) -> list[str]:
                 up["latency_ms"]["p50"],
                 up["latency_ms"]["p99"],
                 up["api_cpu_ms_per_upload"],
+                up["moto_cpu_ms_per_upload"],
                 e2e["latency_ms"]["p50"],
                 e2e["latency_ms"]["p95"],
             ]
@@ -183,6 +193,7 @@ def tables(report: dict[str, Any]) -> list[str]:
         "upload p50 ms",
         "upload p99 ms",
         "API CPU ms/upload",
+        "moto CPU ms/upload",
         "e2e p50 ms",
         "e2e p95 ms",
     ]
