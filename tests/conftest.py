@@ -90,17 +90,20 @@ TEST_ENV = {
 
 # The engines the API tests run on: the default (SQLite + a local folder) and the scale-out one
 # (PostgreSQL + S3, on the session's private servers, tests/services.py). Every test of tests/api
-# runs on both, but for those marked `local_engines`: they look at the SQLite file or the media
-# folder themselves.
+# (and of other modules marked `both_engines`) that builds the app through make_settings runs on
+# both, but for those marked `local_engines`: they look at the SQLite file or the media folder
+# themselves.
 ENGINES = ("sqlite+local", "postgresql+s3")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "engines" not in metafunc.fixturenames:
         return
-    in_api = metafunc.definition.path.parent.name == "api"
+    both = metafunc.definition.path.parent.name == "api" or (
+        metafunc.definition.get_closest_marker("both_engines") is not None
+    )
     local_only = metafunc.definition.get_closest_marker("local_engines") is not None
-    chosen = ENGINES if in_api and not local_only else ENGINES[:1]
+    chosen = ENGINES if both and not local_only else ENGINES[:1]
     metafunc.parametrize("engines", chosen, indirect=True)
 
 

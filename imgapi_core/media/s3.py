@@ -501,6 +501,9 @@ class S3Media:
                 )
             if any(u["Key"] == self.name(key) for u in answer.get("Uploads", [])):
                 return MediaUnavailable(f"{key} is stored but not published yet")
+            # Or published between the failed read and that listing.
+            if await self._head(key) is not None:
+                return MediaUnavailable(f"{key} was published while it was read; read it again")
         return MediaMissing(key)
 
     @contextlib.asynccontextmanager

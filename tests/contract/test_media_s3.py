@@ -122,6 +122,15 @@ async def test_a_staged_original_is_invisible_until_published(media, tmp_path):
     await media.publish(staged)  # already done: fine
 
 
+async def test_a_read_that_missed_a_publish_by_a_moment_is_told_to_read_again(media, tmp_path):
+    """A job's read fails while the original is staged, and the publish lands before the read
+    asks why: that is a retry, never "the original is gone"."""
+    key = original_key("racing", "jpg")
+    await media.publish(await media.stage_file(key, source_file(tmp_path)))
+    assert isinstance(await media._missing(key), MediaUnavailable)
+    assert isinstance(await media._missing(original_key("never", "jpg")), MediaMissing)
+
+
 async def test_discard_aborts_a_staged_upload_and_removes_a_published_one(media, tmp_path):
     key = original_key("dropped", "jpg")
     staged = await media.stage_file(key, source_file(tmp_path))

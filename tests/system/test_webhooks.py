@@ -30,6 +30,9 @@ from imgapi_core.settings import Settings
 from imgapi_core.store import ApiKey, Delivery
 from imgapi_core.timestamps import now_iso
 
+# The in-process tests run on both engine pairs (PostgreSQL's deliveries claim with SKIP LOCKED).
+pytestmark = [pytest.mark.both_engines]
+
 SECRET = "webhook-test-secret"
 ITEM_KEYS = {
     "delivery_id",
