@@ -103,6 +103,10 @@ def sha256_of_thumbnail(key: str) -> str | None:
 class Media(Protocol):
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Raises MediaUnavailable when the store cannot be reached now (`/healthz` asks)."""
+        ...
+
     async def put_file(self, key: str, source: Path) -> None:
         """Moves a finished local file under `key`, durably; never a partial object there."""
         ...

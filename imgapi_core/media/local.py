@@ -21,6 +21,7 @@ from imgapi_core.media import (
     THUMBNAILS,
     MediaMissing,
     MediaStat,
+    MediaUnavailable,
     OutOfSpace,
     Referenced,
     Staged,
@@ -88,6 +89,10 @@ class LocalMedia:
                 with contextlib.suppress(FileNotFoundError):
                     dest.unlink()
                 raise
+
+    async def ping(self) -> None:
+        if not await asyncio.to_thread(self.root.is_dir):
+            raise MediaUnavailable(f"the media folder {self.root} is gone")
 
     async def stage_file(self, key: str, source: Path) -> Staged:
         # A rename into place is already atomic and durable; an original the record never

@@ -23,10 +23,10 @@ import os
 import socket
 import tempfile
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imgapi")
 
+T = TypeVar("T")
+
 MiB = 1024 * 1024
 CHUNK = 256 * 1024  # what a reader yields at a time
 LOCAL_FILE_CHUNK = MiB
@@ -67,6 +69,9 @@ MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 BATCH = 1000  # DeleteObjects takes at most 1000 keys; referenced() is asked as many at a time
 PRESIGN_MAX_S = 7 * 24 * 3600  # SigV4 refuses longer
+# How long a read of an original that is staged (not yet published) waits, in steps, before it
+# says MediaUnavailable: publish follows the record's commit within milliseconds.
+PUBLISH_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8)
 # A stream cut in the middle of a ranged read is taken up again from where it broke, this often.
 STREAM_RESUMES = 2
 
@@ -273,6 +278,10 @@ class S3Media:
         if isinstance(exc, NoCredentialsError):
             return f"no S3 credentials for {self.where}: set AWS_ACCESS_KEY_ID/SECRET"
         return f"cannot reach {self.where}: {exc or type(exc).__name__}"
+
+    async def ping(self) -> None:
+        with _errors(f"bucket {self.bucket}"):
+            await self.client.head_bucket(Bucket=self.bucket)
 
     async def close(self) -> None:
         stack, self._stack, self._s3 = self._stack, None, None
@@ -506,11 +515,28 @@ class S3Media:
                 return MediaUnavailable(f"{key} was published while it was read; read it again")
         return MediaMissing(key)
 
+    async def _until_published(self, key: str, attempt: Callable[[], Awaitable[T | None]]) -> T:
+        """attempt() until it finds the object. While the object is an original whose upload is
+        staged (its record committed a moment ago, its publish is on the way), it waits a little
+        and asks again, so that a job or a reader that comes that early spends none of its
+        tries; past PUBLISH_WAITS it is MediaUnavailable. A missing object is MediaMissing."""
+        for wait in (*PUBLISH_WAITS, None):
+            found = await attempt()
+            if found is not None:
+                return found
+            problem = await self._missing(key)
+            if isinstance(problem, MediaMissing) or wait is None:
+                raise problem
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
     @contextlib.asynccontextmanager
     async def reader(self, key: str) -> AsyncIterator[S3Reader]:
-        head = await self._head(key)
-        if head is None or head.size == 0:
-            raise await self._missing(key)
+        async def opened() -> _Head | None:
+            head = await self._head(key)
+            return head if head is not None and head.size > 0 else None
+
+        head = await self._until_published(key, opened)
         yield S3Reader(self, key, head.etag, MediaStat(head.size, head.mtime))
 
     @contextlib.asynccontextmanager
@@ -524,8 +550,12 @@ class S3Media:
             tempfile.mkstemp, prefix=owner, suffix=".part", dir=self.tmp_dir
         )
         path = Path(raw_path)
-        try:
-            with os.fdopen(fd, "wb") as out:
+
+        async def download() -> Path | None:
+            # Each try starts the file afresh (a cheap syscall pair).
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            with os.fdopen(fd, "wb", closefd=False) as out:
                 written = 0
                 try:
                     with _errors(key):
@@ -537,11 +567,13 @@ class S3Media:
                                 await asyncio.to_thread(out.write, chunk)
                                 written += len(chunk)
                 except MediaMissing:
-                    written = 0
-            if written == 0:
-                raise await self._missing(key)
-            yield path
+                    return None
+            return path if written else None
+
+        try:
+            yield await self._until_published(key, download)
         finally:
+            os.close(fd)
             await asyncio.to_thread(_unlink, path)
 
     # -- the start-up sweep ------------------------------------------------------------------

@@ -53,6 +53,18 @@ async def healthz(request: Request) -> HTTPResponse:
     except Exception as exc:
         healthy = False
         checks["database"] = f"error: {exc}"
+    if request.app.ctx.settings.storage_url:
+        # A local folder fails with the database's own disk; an object store on its own.
+        try:
+            async with asyncio.timeout(2):
+                await request.app.ctx.media.ping()
+            checks["media"] = "ok"
+        except TimeoutError:
+            healthy = False
+            checks["media"] = "error: no answer within 2 s"
+        except Exception as exc:
+            healthy = False
+            checks["media"] = f"error: {exc}"
     redis_state = await request.app.ctx.jobs.ping()
     if redis_state is not None:
         checks["redis"] = redis_state
