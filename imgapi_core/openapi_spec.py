@@ -58,6 +58,15 @@ _ORIGINAL_CONTENT = {
 }
 _THUMBNAIL_CONTENT = {t: _BINARY for t in ("image/jpeg", "image/webp", "image/avif")}
 
+# With S3_REDIRECT=1 (and STORAGE_URL) a GET, once allowed, is sent to the object store.
+_S3_REDIRECT = {
+    "description": "S3_REDIRECT=1: the bytes are at a presigned URL of the object store",
+    "headers": {
+        "Location": _string_header("the presigned URL"),
+        "Cache-Control": _string_header("private, max-age=SECONDS"),
+    },
+}
+
 _JOB = {
     "type": "object",
     "required": ["state", "attempts"],
@@ -347,6 +356,10 @@ PATHS: dict[str, Any] = {
                 "408": _error("the body did not arrive in time (REQUEST_TIMEOUT, UPLOAD_TIMEOUT)"),
                 "415": _error("file type or content type not allowed"),
                 "507": _error("the server has no space left to store the upload (recorded)"),
+                "503": {
+                    **_error("the media storage cannot be reached (recorded); retry"),
+                    "headers": {"Retry-After": _string_header("seconds")},
+                },
             },
         },
         "get": {
@@ -453,6 +466,7 @@ PATHS: dict[str, Any] = {
                     "headers": {"Vary": _string_header("Accept")},
                     "content": _THUMBNAIL_CONTENT,
                 },
+                "302": _S3_REDIRECT,
                 "304": {"description": "not modified (If-None-Match: a matching tag, or *)"},
                 "400": _error("unknown size, or a format that is not made"),
                 "404": _error("unknown image, or an upload that failed"),
@@ -487,6 +501,7 @@ PATHS: dict[str, Any] = {
                     "headers": _ORIGINAL_HEADERS,
                     "content": _ORIGINAL_CONTENT,
                 },
+                "302": _S3_REDIRECT,
                 "206": {
                     "description": "one byte range of the original",
                     "headers": {
@@ -717,6 +732,14 @@ def _with_access(paths: dict[str, Any]) -> dict[str, Any]:
                 "401": _error("no API key, or an unknown or revoked one (keys mode)"),
                 "403": _error(f"the key lacks the {scope!r} scope, or a bad signed URL or token"),
             }
+            # Any operation that reads or writes the database or the object store.
+            responses.setdefault(
+                "503",
+                {
+                    **_error("the database or the media storage cannot be reached; retry"),
+                    "headers": {"Retry-After": _string_header("seconds")},
+                },
+            )
             if scope == "upload":
                 responses["429"] = {
                     **_error("over UPLOAD_RATE_LIMIT; nothing recorded"),

@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from procs import free_port
@@ -170,16 +171,20 @@ class S3Server:
             "AWS_REGION": S3_REGION,
         }
 
-    def create_bucket(self, name: str) -> str:
+    def client(self) -> Any:
+        """A plain (blocking) boto3 client of this server, for a test's own looks."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             aws_access_key_id=S3_ACCESS_KEY,
             aws_secret_access_key=S3_SECRET_KEY,
             region_name=S3_REGION,
         )
+
+    def create_bucket(self, name: str) -> str:
+        client = self.client()
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=name)
         return name

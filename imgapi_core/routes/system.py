@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from sanic import Blueprint, HTTPResponse, Request
 
@@ -35,36 +36,33 @@ async def stats(request: Request) -> HTTPResponse:
     )
 
 
+async def _probe(check: Callable[[], Awaitable[None]], slow_hint: str) -> str:
+    """ "ok", or "error: ..." for a dependency that fails or takes over 2 s to answer."""
+    try:
+        async with asyncio.timeout(2):
+            await check()
+    except TimeoutError:
+        return f"error: no answer within 2 s ({slow_hint})"
+    except Exception as exc:
+        return f"error: {exc}"
+    return "ok"
+
+
 @bp.get("/healthz", name="healthz")
 @public
 async def healthz(request: Request) -> HTTPResponse:
-    checks: dict[str, str] = {}
-    healthy = True
-    try:
-        async with asyncio.timeout(2):
-            await request.app.ctx.store.ping()
-            # Readable is not enough: a read-only file or mount answers reads and fails every
-            # upload.
-            await request.app.ctx.store.check_writable()
-        checks["database"] = "ok"
-    except TimeoutError:
-        healthy = False
-        checks["database"] = "error: no answer within 2 s (locked by a long write?)"
-    except Exception as exc:
-        healthy = False
-        checks["database"] = f"error: {exc}"
+    store, media = request.app.ctx.store, request.app.ctx.media
+
+    async def database() -> None:
+        await store.ping()
+        # Readable is not enough: a read-only file or mount answers reads and fails every upload.
+        await store.check_writable()
+
+    checks = {"database": await _probe(database, "locked by a long write?")}
     if request.app.ctx.settings.storage_url:
         # A local folder fails with the database's own disk; an object store on its own.
-        try:
-            async with asyncio.timeout(2):
-                await request.app.ctx.media.ping()
-            checks["media"] = "ok"
-        except TimeoutError:
-            healthy = False
-            checks["media"] = "error: no answer within 2 s"
-        except Exception as exc:
-            healthy = False
-            checks["media"] = f"error: {exc}"
+        checks["media"] = await _probe(media.ping, "the object store is slow or unreachable")
+    healthy = all(state == "ok" for state in checks.values())
     redis_state = await request.app.ctx.jobs.ping()
     if redis_state is not None:
         checks["redis"] = redis_state

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 from conftest import seeded_jpeg
@@ -32,9 +31,6 @@ from procs import (
     wait_until,
 )
 from services import (
-    S3_ACCESS_KEY,
-    S3_REGION,
-    S3_SECRET_KEY,
     PostgresServer,
     S3Server,
     name_for,
@@ -54,13 +50,7 @@ def upload(url: str, data: bytes, name: str = "photo.jpg") -> httpx.Response:
 
 
 def bucket_keys(s3: S3Server, bucket: str) -> set[str]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint_url,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
-        region_name=S3_REGION,
-    )
+    client = s3.client()
     keys: set[str] = set()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         keys.update(item["Key"] for item in page.get("Contents", []))

@@ -134,6 +134,12 @@ def test_values_are_normalised():
         ("METRICS_PUBLIC", "maybe"),
         ("WORKER_METRICS_PORT", "70000"),
         ("WORKER_METRICS_PORT", "x"),
+        ("DATABASE_URL", "mysql://db/imgapi"),
+        ("STORAGE_URL", "/srv/media"),
+        ("STORAGE_URL", "s3://"),
+        ("STORAGE_URL", "s3://bucket/p?versionId=1"),
+        ("S3_ENDPOINT_URL", "minio:9000"),
+        ("S3_REDIRECT", "sometimes"),
     ],
 )
 def test_bad_value_raises_settings_error_naming_the_setting(name, value):
@@ -168,6 +174,22 @@ def test_webhook_urls_need_a_secret():
         dotenv=None,
     )
     assert cfg.webhook_url == ("https://a.example/x", "http://b.example/y")
+
+
+def test_a_database_url_password_never_shows_in_an_error():
+    with pytest.raises(SettingsError) as caught:
+        settings_mod.load(env={"DATABASE_URL": "mysql://u:hunter2@db/x"}, dotenv=None)
+    assert "hunter2" not in str(caught.value) and "u:***@db" in str(caught.value)
+
+
+def test_s3_redirect_needs_storage_url():
+    # Only S3 objects have presigned URLs: with a local folder the setting would do nothing.
+    with pytest.raises(SettingsError, match="S3_REDIRECT=1 needs STORAGE_URL"):
+        settings_mod.load(env={"S3_REDIRECT": "1"}, dotenv=None)
+    cfg = settings_mod.load(
+        env={"S3_REDIRECT": "1", "STORAGE_URL": "s3://photos/imgapi/"}, dotenv=None
+    )
+    assert cfg.s3_redirect and cfg.storage_url == "s3://photos/imgapi"
 
 
 @pytest.mark.parametrize("where", ["env", "dotenv"])
