@@ -89,7 +89,10 @@ async def run(source: Settings, target: Settings, *, media: bool, database: bool
     ok = True
     if database:
         if source.database_url:
-            print("imgapi: --database-to copies from SQLite (DB_PATH); DATABASE_URL is set")
+            print(
+                "imgapi: --database-to copies from SQLite (DB_PATH); DATABASE_URL is set",
+                file=sys.stderr,
+            )
             return 2
         tally = await copy_database(Path(source.db_path), target)
         print(tally.line("database rows"))
