@@ -15,7 +15,7 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.exceptions import NotFound, SanicException
 from sanic_ext import openapi
 
-from imgapi_core import metrics, openapi_spec, records
+from imgapi_core import formats, metrics, openapi_spec, records
 from imgapi_core import settings as settings_mod
 from imgapi_core.access.guard import is_image_route, open_guard
 from imgapi_core.background import Jobs
@@ -241,6 +241,32 @@ async def handle_error(request: Request, exc: Exception) -> HTTPResponse:
     return json_response(records.failure(message), status=status)
 
 
+def with_codecs_at_hand(cfg: Settings) -> Settings:
+    """Settings fitted to this Pillow. THUMB_FORMATS naming what it cannot encode is a bad
+    setting. ALLOWED_FORMATS loses what it cannot decode, with a warning: an upload of such a
+    format is then a 415 naming what is accepted, not a 400 that blames the file."""
+    try:
+        formats.check_thumbnail_encoders(cfg.thumb_formats)
+    except ValueError as exc:
+        settings_mod.exit_bad_setting(settings_mod.SettingsError(str(exc)))
+    missing = formats.missing_codecs(cfg.allowed_formats)
+    if not missing:
+        return cfg
+    usable = tuple(name for name in cfg.allowed_formats if name not in missing)
+    if not usable:
+        settings_mod.exit_bad_setting(
+            settings_mod.SettingsError(
+                f"ALLOWED_FORMATS={','.join(cfg.allowed_formats)!r}: this Pillow cannot decode"
+                f" {', '.join(missing)}"
+            )
+        )
+    log.warning(
+        "not accepting %s uploads: this Pillow has no codec for them (Pillow's wheels do)",
+        ", ".join(missing),
+    )
+    return cfg.replace(allowed_formats=usable)
+
+
 def create_app(settings: object = None, *, own_resources: bool = True) -> Sanic:
     """One place builds the app: settings (default: environment and .env), routes, listeners.
 
@@ -254,6 +280,7 @@ def create_app(settings: object = None, *, own_resources: bool = True) -> Sanic:
     listeners around every single request, which would stop background jobs between requests.
     """
     cfg = settings if isinstance(settings, Settings) else settings_mod.load_or_exit()
+    cfg = with_codecs_at_hand(cfg)
     app = Sanic("imgapi", dumps=lambda v: records.dumps(v).decode())
     app.ctx.settings = cfg
     app.config.REQUEST_TIMEOUT = cfg.request_timeout

@@ -100,7 +100,7 @@ FORMATS: tuple[Format, ...] = (
     Format(
         name="tiff",
         extensions=(".tif", ".tiff"),
-        mime_types=("image/tiff",),
+        mime_types=("image/tiff", "image/x-tiff"),
         matches=_starts_with(b"II*\x00", b"MM\x00*"),
         pillow=("TIFF",),
         stored_ext="tif",
@@ -110,7 +110,7 @@ FORMATS: tuple[Format, ...] = (
     Format(
         name="avif",
         extensions=(".avif",),
-        mime_types=("image/avif",),
+        mime_types=("image/avif", "image/avif-sequence"),
         matches=_is_avif,
         pillow=("AVIF",),
         stored_ext="avif",
@@ -149,6 +149,24 @@ def register_plugins() -> None:
 
             pillow_heif.register_heif_opener()
             _done = True
+
+
+def missing_codecs(names: Collection[str]) -> list[str]:
+    """The formats among `names` that this process's Pillow cannot read or write. Pillow's wheels
+    carry libavif; a Pillow built from source without it has no AVIF."""
+    from PIL import features
+
+    return [name for name in names if name == "avif" and not features.check("avif")]
+
+
+def check_thumbnail_encoders(thumb_formats: Collection[str]) -> None:
+    """Refuses THUMB_FORMATS that name what cannot be made (ValueError): every thumbnail job
+    would fail."""
+    if missing := missing_codecs(thumb_formats):
+        raise ValueError(
+            f"THUMB_FORMATS={','.join(thumb_formats)!r}: this Pillow cannot encode"
+            f" {', '.join(missing)}; leave it out"
+        )
 
 
 def by_name(name: str) -> Format:

@@ -159,9 +159,9 @@ def _frames(im: Image.Image) -> int:
 
 
 def _frame_pixels(im: Image.Image, frames: int) -> int:
-    """Pixels over every frame. Animations share one canvas size; TIFF pages each have their own,
-    read from their headers (seeking a TIFF page decodes nothing)."""
-    if im.format != "TIFF" or frames == 1:
+    """Pixels over every frame. Animations share one canvas size; TIFF pages and the images of a
+    HEIF file each have their own, read from their headers (seeking decodes nothing there)."""
+    if im.format not in ("TIFF", "HEIF") or frames == 1:
         return im.width * im.height * frames
     total = 0
     for index in range(frames):

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from arq.connections import RedisSettings
 
-from imgapi_core import dispatch, metrics
+from imgapi_core import dispatch, formats, metrics
 from imgapi_core import settings as settings_mod
 from imgapi_core.events.notify import RedisNotifier, channel_name
 from imgapi_core.logs import setup_logging
@@ -224,6 +224,10 @@ class _WorkerSettings(dict):
                 raise SettingsError(
                     "REDIS_URL is empty: `arq jobs.WorkerSettings` takes its jobs from Redis"
                 )
+            try:
+                formats.check_thumbnail_encoders(cfg.thumb_formats)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         except SettingsError as exc:
             # arq would print a traceback; this is the service's one line, and exit status 2.
             settings_mod.exit_bad_setting(exc)

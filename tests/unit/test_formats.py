@@ -8,11 +8,12 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
+import pillow_heif
 import pytest
 from format_samples import MAKE, SHOWN, STILLS, make_samples, top_left_is_red
 from PIL import Image
 
-from imgapi_core import formats, imaging
+from imgapi_core import app, formats, imaging, settings
 from imgapi_core.errors import ClientError
 
 
@@ -84,6 +85,21 @@ def test_pixels_are_capped_over_all_frames_and_frames_by_count(samples, name):
     with pytest.raises(ClientError) as caught:
         imaging.validate_image(path, 50_000_000, max_frames=3)
     assert caught.value.status == 413 and "frames" in caught.value.message
+
+
+def test_every_image_of_a_heif_file_counts_at_its_own_size(tmp_path):
+    """A HEIF file may hold images of different sizes: a small first one must not let a large
+    second one past the cap (nor into a full-size decode)."""
+    heif = pillow_heif.from_pillow(Image.new("RGB", (64, 64), "red"))
+    heif.add_from_pillow(Image.new("RGB", (640, 480), "blue"))
+    path = tmp_path / "two.heic"
+    heif.save(path, quality=50)
+    total = 64 * 64 + 640 * 480
+    info = imaging.validate_image(path, total)  # exactly at the cap: fine
+    assert (info.format, info.frames, info.width, info.height) == ("heic", 2, 64, 64)
+    with pytest.raises(ClientError) as caught:
+        imaging.validate_image(path, total - 1)
+    assert caught.value.status == 413 and "2 frames" in caught.value.message
 
 
 @pytest.mark.parametrize("name", [*STILLS, "animated-gif", "animated-webp", "animated-tiff"])
@@ -228,3 +244,28 @@ def _transparent_gif(path: Path) -> None:
     image.putpalette([0, 0, 0, 30, 60, 200] + [0] * (254 * 3))
     image.paste(1, (0, 0, 40, 60))
     image.save(path, "GIF", transparency=0)
+
+
+def test_a_pillow_without_avif_accepts_no_avif_and_makes_none(monkeypatch, caplog):
+    """A Pillow built without libavif: AVIF uploads would be a 400 blaming the file, and every
+    AVIF thumbnail a failed job. The formats it lacks leave ALLOWED_FORMATS (with a warning) and
+    are a bad setting in THUMB_FORMATS."""
+    from PIL import features
+
+    real_check = features.check
+    monkeypatch.setattr(features, "check", lambda name: name != "avif" and real_check(name))
+    assert formats.missing_codecs(("jpeg", "avif", "heic")) == ["avif"]
+    cfg = settings.load(env={"DB_PATH": "x.db"}, dotenv=None)
+    fitted = app.with_codecs_at_hand(cfg)
+    assert "avif" in cfg.allowed_formats and "avif" not in fitted.allowed_formats
+    assert fitted.allowed_formats == tuple(n for n in cfg.allowed_formats if n != "avif")
+    assert "not accepting avif uploads" in caplog.text
+    with pytest.raises(ClientError) as caught:
+        imaging.check_name_and_type("a.avif", "image/avif", fitted.allowed_formats)
+    assert caught.value.status == 415
+
+    for env in ({"THUMB_FORMATS": "jpeg,avif"}, {"ALLOWED_FORMATS": "avif"}):
+        bad = settings.load(env={"DB_PATH": "x.db", **env}, dotenv=None)
+        with pytest.raises(SystemExit) as exited:
+            app.with_codecs_at_hand(bad)
+        assert exited.value.code == 2
