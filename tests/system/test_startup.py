@@ -6,6 +6,7 @@ A process that hangs instead fails its test: run_command's timeout raises Timeou
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 from procs import REPO, free_port, run_command, settings_for
 
-from imgapi_core import uploads
+from imgapi_core import settings, uploads
+from imgapi_core.store import open_store
 
 BAD_SETTING = "imgapi: bad setting: "
 CANNOT_START = "imgapi: cannot start: "
@@ -83,6 +85,28 @@ def test_a_failure_after_the_database_is_open_closes_it_and_exits(tmp_path: Path
     line = only_line(run_api(tmp_path))
     assert line.startswith(CANNOT_START) and stuck.name in line, line
     assert (tmp_path / "data" / "imgapi.db").exists()  # it did get that far
+
+
+def test_a_read_only_database_stops_the_start(tmp_path: Path) -> None:
+    # SQLite opens a file it may not write read-only, silently: the service used to start, say
+    # ok on /healthz and answer 500 to every upload. chattr +i: read-only even for root (CI).
+    db_path = tmp_path / "data" / "imgapi.db"
+    asyncio.run(_make_database(settings_for(tmp_path)))
+    assert db_path.is_file() and not Path(f"{db_path}-wal").exists()
+    done = subprocess.run(["chattr", "+i", str(db_path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"optional: chattr +i is not supported here: {done.stderr.strip()}")
+    try:
+        line = only_line(run_api(tmp_path))
+    finally:
+        subprocess.run(["chattr", "-i", str(db_path)], check=True)
+    assert line.startswith(f"{CANNOT_START}DB_PATH='{db_path}': "), line
+    assert "read-only" in line, line
+
+
+async def _make_database(env: dict[str, str]) -> None:
+    store = await open_store(settings.load(env=env, dotenv=None))
+    await store.close()
 
 
 def test_a_port_in_use_stops_the_start(tmp_path: Path) -> None:
