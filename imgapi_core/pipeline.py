@@ -266,8 +266,8 @@ class Pipeline:
         try:
             await self.media.publish(staged)
         except Exception:
-            # The record is committed and the bytes are stored (staged): the next start-up sweep
-            # publishes them. Until then reads of this original find nothing, and its jobs retry.
+            # The record is committed and the bytes are stored (staged): the first read of the
+            # original (its jobs, a client) publishes them, or else the next start-up sweep.
             log.exception("upload %s: stored, but could not publish its original", upload.image_id)
         if dispatch:
             self.jobs.submit(upload.sha256)

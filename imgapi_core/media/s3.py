@@ -519,16 +519,43 @@ class S3Media:
         """attempt() until it finds the object. While the object is an original whose upload is
         staged (its record committed a moment ago, its publish is on the way), it waits a little
         and asks again, so that a job or a reader that comes that early spends none of its
-        tries; past PUBLISH_WAITS it is MediaUnavailable. A missing object is MediaMissing."""
+        tries; past PUBLISH_WAITS it publishes the upload itself. A missing object is
+        MediaMissing; an upload that cannot be published now, MediaUnavailable."""
         for wait in (*PUBLISH_WAITS, None):
             found = await attempt()
             if found is not None:
                 return found
             problem = await self._missing(key)
-            if isinstance(problem, MediaMissing) or wait is None:
+            if isinstance(problem, MediaMissing):
                 raise problem
+            if wait is None:
+                break
             await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+        # Still staged after every wait: its publish failed (the S3 server refused it, or the
+        # process died right after the commit). Only a committed record leads a reader to an
+        # original's key, so the reader publishes it rather than leave it unreadable until the
+        # next start-up sweep.
+        if await self._publish_left_staged(key):
+            found = await attempt()
+            if found is not None:
+                return found
+        raise problem
+
+    async def _publish_left_staged(self, key: str) -> bool:
+        with _errors(key):
+            answer = await self.client.list_multipart_uploads(
+                Bucket=self.bucket, Prefix=self.name(key), MaxUploads=10
+            )
+        uploads_ = [u for u in answer.get("Uploads", []) if u["Key"] == self.name(key)]
+        if not uploads_:
+            return await self._head(key) is not None  # published meanwhile, by someone else
+        latest = max(uploads_, key=lambda u: u["Initiated"])
+        try:
+            await self.publish(Staged(key, latest["UploadId"]))
+        except MediaMissing:
+            return False
+        log.warning("published %s on read: its upload had been left staged", key)
+        return True
 
     @contextlib.asynccontextmanager
     async def reader(self, key: str) -> AsyncIterator[S3Reader]:

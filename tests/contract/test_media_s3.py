@@ -105,14 +105,6 @@ async def test_a_staged_original_is_invisible_until_published(media, tmp_path):
     assert await media.stat(key) is None
     with pytest.raises(MediaMissing):
         await media.read_bytes(key)
-    # Its record may have committed a moment ago: readers are told to come back (a job retries,
-    # a client gets a 503), not that it is gone.
-    with pytest.raises(MediaUnavailable, match="not published yet"):
-        async with media.reader(key):
-            pass
-    with pytest.raises(MediaUnavailable, match="not published yet"):
-        async with media.local_file(key):
-            pass
     assert await names(media) == []
     assert [u["Key"] for u in await open_uploads(media)] == ["media/originals/staged.jpg"]
 
@@ -120,6 +112,50 @@ async def test_a_staged_original_is_invisible_until_published(media, tmp_path):
     assert await media.read_bytes(key) == DATA
     assert await open_uploads(media) == []
     await media.publish(staged)  # already done: fine
+
+
+@pytest.mark.parametrize("how", ["reader", "local_file"])
+async def test_a_reader_waits_for_a_publish_then_publishes_a_lost_one_itself(
+    media, tmp_path, monkeypatch, how
+):
+    """Only a committed record leads a reader to an original's key. A staged upload there is a
+    publish on its way (the reader waits for it) or one that failed or died after the commit:
+    past the waits the reader publishes it, rather than leave the photo unreadable (and its
+    jobs failing) until the next start-up sweep."""
+    monkeypatch.setattr(s3_module, "PUBLISH_WAITS", (0.05, 0.05))
+    key = original_key(f"staged-{how}", "jpg")
+    staged = await media.stage_file(key, source_file(tmp_path))
+
+    async def read() -> bytes:
+        if how == "reader":
+            return await read_all(media, key)
+        async with media.local_file(key) as path:
+            return path.read_bytes()
+
+    # On its way: published while the reader waits.
+    publisher = asyncio.get_running_loop().call_later(
+        0.06, lambda: asyncio.ensure_future(media.publish(staged))
+    )
+    assert await read() == DATA
+    publisher.cancel()
+    await media.delete([key])
+
+    # Lost: nobody publishes it but the reader.
+    await media.stage_file(key, source_file(tmp_path))
+    assert await read() == DATA
+    assert await open_uploads(media) == []
+    assert await media.read_bytes(key) == DATA
+
+    # Not published, and it cannot be now: unavailable (a retry), never "gone".
+    await media.stage_file(key, source_file(tmp_path, b"other"))
+
+    async def refused(*_args: object) -> None:
+        raise MediaUnavailable("the S3 server is down")
+
+    await media.delete([key])
+    monkeypatch.setattr(media, "publish", refused)
+    with pytest.raises(MediaUnavailable):
+        await read()
 
 
 async def test_a_read_that_missed_a_publish_by_a_moment_is_told_to_read_again(media, tmp_path):
