@@ -249,12 +249,6 @@ class Store(Protocol):
         """One record and its jobs, read in one snapshot."""
         ...
 
-    async def page_with_jobs(
-        self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
-    ) -> tuple[list[Record], JobsByImage]:
-        """Newest first; `before` is the (processed_at, image_id) of the last record seen."""
-        ...
-
     async def search_with_jobs(
         self, query: ImageQuery, *, limit: int, after: tuple[str, str] | None = None
     ) -> tuple[list[Record], JobsByImage, list[tuple[str, str]]]:

@@ -668,14 +668,6 @@ class PostgresStore:
 
         return await self._read(snapshot, snapshot=True)
 
-    async def page_with_jobs(
-        self, *, limit: int, before: tuple[str, str] | None = None, status: str | None = None
-    ) -> tuple[list[Record], JobsByImage]:
-        records, jobs, _ = await self.search_with_jobs(
-            ImageQuery(status=status), limit=limit, after=before
-        )
-        return records, jobs
-
     async def search_with_jobs(
         self, query: ImageQuery, *, limit: int, after: tuple[str, str] | None = None
     ) -> tuple[list[Record], JobsByImage, list[tuple[str, str]]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from store_helpers import add_image
 
-from imgapi_core.store import JOB_KINDS
+from imgapi_core.store import JOB_KINDS, ImageQuery
 from imgapi_core.store.sqlite import SqliteStore as Store
 
 
@@ -130,7 +130,7 @@ async def test_reads_cancelled_at_every_point_leave_no_stale_snapshot(store, db_
     await add_image(store, "one", "a" * 64)
     for steps in range(0, 30):
         await cancel_after(store.record_with_jobs("one"), steps)
-        await cancel_after(store.page_with_jobs(limit=10), steps)
+        await cancel_after(store.search_with_jobs(ImageQuery(), limit=10), steps)
     # Another process writes; every reader connection must see it (a reader left inside a read
     # transaction would keep answering from its old snapshot).
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
@@ -138,6 +138,8 @@ async def test_reads_cancelled_at_every_point_leave_no_stale_snapshot(store, db_
     for _ in range(8):
         row, _jobs = await store.record_with_jobs("one")
         assert row is not None and row.caption == "seen"
+        listed, _jobs, _keys = await store.search_with_jobs(ImageQuery(), limit=10)
+        assert [r.caption for r in listed] == ["seen"]
 
 
 async def test_a_write_that_fails_in_commit_is_rolled_back(store, db_path, monkeypatch):

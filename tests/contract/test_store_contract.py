@@ -13,6 +13,7 @@ from store_helpers import add_image
 from imgapi_core.store import (
     JOB_KINDS,
     Deleted,
+    ImageQuery,
     Job,
     JobState,
     KnownImage,
@@ -209,7 +210,8 @@ async def test_set_exif_and_caption_are_seen_by_every_record_of_the_bytes(store)
         assert rec is not None and rec.caption == "a cat on a mat"
     other = await store.get_record("other")
     assert other is not None and (other.exif_json, other.caption) == (None, None)
-    page, _jobs = await store.page_with_jobs(limit=10)
+    # The list reads them too.
+    page, _jobs, _keys = await store.search_with_jobs(ImageQuery(), limit=10)
     assert {r.image_id: r.caption for r in page} == {
         "one": "a cat on a mat",
         "two": "a cat on a mat",
@@ -222,7 +224,10 @@ async def test_set_exif_and_caption_are_seen_by_every_record_of_the_bytes(store)
 # -- listing ------------------------------------------------------------------------------------
 
 
-async def test_page_with_jobs_newest_first_with_a_cursor_and_a_status_filter(store):
+async def test_listing_newest_first_with_a_cursor_and_a_status_filter(store):
+    """GET /api/images without words: ImageQuery() or ImageQuery(status=...), newest upload
+    first, one record more than the page asked for (is there a next page?), and the next page
+    from the position of the page's last record."""
     # (image_id, processed_at, sha256 or None for a failure); two share a processed_at (ties go
     # by image_id, descending) and two share their bytes.
     uploads = [
@@ -242,13 +247,19 @@ async def test_page_with_jobs_newest_first_with_a_cursor_and_a_status_filter(sto
     assert await store.claim_job(sha_of(2), "exif", "r", 30) is not None
 
     async def walk(status: str | None, limit: int) -> list[str]:
+        """Page after page, as the list route reads them."""
         seen: list[str] = []
-        before = None
+        after = None
         for _ in range(len(uploads) + 2):
-            page, jobs = await store.page_with_jobs(limit=limit, before=before, status=status)
-            assert len(page) <= limit
-            # The jobs of exactly the page's stored bytes.
-            assert set(jobs) == {r.sha256 for r in page if r.sha256 is not None}
+            rows, jobs, keys = await store.search_with_jobs(
+                ImageQuery(status=status), limit=limit + 1, after=after
+            )
+            assert len(rows) <= limit + 1
+            # Each record's position is its upload time and id: a cursor written before search
+            # (processed_at|image_id) still points at the same place.
+            assert keys == [(r.processed_at, r.image_id) for r in rows]
+            # The jobs of exactly the stored bytes read.
+            assert set(jobs) == {r.sha256 for r in rows if r.sha256 is not None}
             for sha, by_kind in jobs.items():
                 assert set(by_kind) == set(JOB_KINDS)
                 for kind, job in by_kind.items():
@@ -260,10 +271,10 @@ async def test_page_with_jobs_newest_first_with_a_cursor_and_a_status_filter(sto
                         state.attempts,
                         state.error,
                     )
-            if not page:
+            seen.extend(r.image_id for r in rows[:limit])
+            if len(rows) <= limit:
                 return seen
-            seen.extend(r.image_id for r in page)
-            before = (page[-1].processed_at, page[-1].image_id)
+            after = keys[limit - 1]
         pytest.fail(f"the cursor never reached the end: {seen}")
 
     newest_first = ["g7", "f6", "e5", "d4", "c3", "b2", "a1"]
@@ -272,20 +283,21 @@ async def test_page_with_jobs_newest_first_with_a_cursor_and_a_status_filter(sto
         assert await walk("success", limit) == ["g7", "f6", "d4", "c3", "a1"], limit
         assert await walk("failed", limit) == ["e5", "b2"], limit
 
-    page, jobs = await store.page_with_jobs(limit=3)
+    page, jobs, keys = await store.search_with_jobs(ImageQuery(), limit=3)
     assert [r.image_id for r in page] == ["g7", "f6", "e5"]
+    assert keys[-1] == ("2026-03-01T10:00:03.000Z", "e5")
     assert set(jobs) == {sha_of(4), sha_of(1)}
     assert page[2].error == "invalid file format" and page[2].sha256 is None
     assert page[1] == await store.get_record("f6")
-    page, jobs = await store.page_with_jobs(limit=10, before=("2026-03-01T10:00:02.000Z", "d4"))
+    page, jobs, _keys = await store.search_with_jobs(
+        ImageQuery(), limit=10, after=("2026-03-01T10:00:02.000Z", "d4")
+    )
     assert [r.image_id for r in page] == ["c3", "b2", "a1"]
     assert jobs[sha_of(2)]["exif"].state == "running"
     assert jobs[sha_of(2)]["exif"].attempts == 1
     assert jobs[sha_of(2)]["thumbnail"].state == "queued"
-    assert await store.page_with_jobs(limit=10, before=("2026-03-01T10:00:00.000Z", "a1")) == (
-        [],
-        {},
-    )
+    end = ("2026-03-01T10:00:00.000Z", "a1")
+    assert await store.search_with_jobs(ImageQuery(), limit=10, after=end) == ([], {}, [])
 
 
 # -- what the start-up sweep and the thumbnail renderer ask -------------------------------------
@@ -362,7 +374,7 @@ async def test_delete_image_drops_shared_rows_with_the_last_reference(store):
     assert await store.due_jobs(10) == []
     stats = await store.stats()
     assert (stats.total, stats.processing, dict(stats.jobs)) == (0, 0, {})
-    assert await store.page_with_jobs(limit=10) == ([], {})
+    assert await store.search_with_jobs(ImageQuery(), limit=10) == ([], {}, [])
     assert await store.delete_image("two") is None
     # The same bytes uploaded again start afresh.
     assert await add_image(store, "three") is True

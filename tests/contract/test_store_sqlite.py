@@ -10,11 +10,15 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from sanic.request import RequestParameters
 from store_helpers import add_image
 
+from imgapi_core.routes import listing
 from imgapi_core.store import ImageQuery, NotWritable, now_iso
 from imgapi_core.store import sqlite as sqlite_store
 from imgapi_core.store.sqlite import SqliteStore as Store
@@ -205,7 +209,7 @@ async def test_seed_schema_database_upgrades_in_place(db_path):
         # reads both.
         assert await s.record_with_jobs("img123") == (old, {})
         await add_image(s, "new", sha256=SHA2)
-        listed, jobs = await s.page_with_jobs(limit=10)
+        listed, jobs, _keys = await s.search_with_jobs(ImageQuery(), limit=10)
         ids = [r.image_id for r in listed]
         assert ids[0] == "new" and set(ids) == {"new", "img123", "img789", "abc", "keyed"}
         assert set(jobs) == {SHA2}
@@ -268,17 +272,34 @@ def captured_sql(monkeypatch) -> list[tuple[str, tuple]]:
     return seen
 
 
-async def test_the_page_query_reads_through_an_index(captured_sql, store, db_path):
-    for i in range(30):
-        await add_image(store, f"img{i:03d}", sha256=f"{i:064x}")
-    calls = [
-        {},
-        {"status": "success"},
-        {"status": "failed"},
-        {"before": ("2026-01-01T00:00:00.000Z", "img010")},
-        {"before": ("2026-01-01T00:00:00.000Z", "img010"), "status": "success"},
-        {"before": ("2026-01-01T00:00:00.000Z", "img010"), "status": "failed"},
-    ]
+def list_request(path: str) -> tuple[ImageQuery, tuple[str, str] | None, int]:
+    """What GET /api/images reads from this path, with the route's own parser: the query, the
+    position its cursor points at, and the page's size."""
+    args = RequestParameters()
+    for key, value in parse_qsl(urlsplit(path).query, keep_blank_values=True):
+        args.setdefault(key, []).append(value)
+    query = listing.image_query(cast(Any, SimpleNamespace(args=args)))
+    cursor = args.get("cursor")
+    after = listing.decode_cursor(cursor, query) if cursor is not None else None
+    return query, after, int(args.get("limit", "100"))
+
+
+async def test_the_list_route_reads_through_an_index(captured_sql, store, db_path):
+    """The statements the list route runs for a plain listing (all, by status, and the next page
+    behind the cursor of its Link header) walk an index of images in its order, nothing sorted,
+    and read the page's jobs by key."""
+    for i in range(45):  # 30 stored, 15 failed, in turn
+        if i % 3 < 2:
+            await add_image(store, f"img{i:03d}", sha256=f"{i:064x}")
+        else:
+            stamp = now_iso()
+            await store.record_failure(
+                image_id=f"bad{i:03d}",
+                original_name=f"bad{i:03d}.xlsx",
+                processed_at=stamp,
+                start_time=stamp,
+                error="invalid file format",
+            )
     # A filtered page reads the partial index of its status: through images_newest it would step
     # over every row of the other status (most rows, for "failed").
     index_of = {
@@ -286,31 +307,52 @@ async def test_the_page_query_reads_through_an_index(captured_sql, store, db_pat
         "success": "images_ok_newest",
         "failed": "images_failed_newest",
     }
-    for kwargs in calls:
-        captured_sql.clear()
-        await store.page_with_jobs(limit=11, **kwargs)
-        listing = [(sql, p) for sql, p in captured_sql if "FROM images" in sql]
-        assert len(listing) == 1, captured_sql
-        sql, params = listing[0]
-        plan = [r[3] for r in rows(db_path, "EXPLAIN QUERY PLAN " + sql, *params)]
-        assert not any(re.fullmatch(r"SCAN i\b(?!.*INDEX).*", step) for step in plan), plan
-        assert not any("TEMP B-TREE" in step for step in plan), (kwargs, plan)
-        assert any("INDEX" in step and step.split()[1] == "i" for step in plan), plan
-        used = [
-            m.group(1)
-            for step in plan
-            if (m := re.match(r"(?:SCAN|SEARCH) i .*?INDEX (\w+)", step))
-        ]
-        assert used == [index_of[kwargs.get("status")]], (kwargs, plan)
-    # The page's jobs are read by key, not by scanning the jobs table.
-    captured_sql.clear()
-    page, jobs = await store.page_with_jobs(limit=11)
-    assert len(page) == 11 and len(jobs) == 11
-    job_reads = [(sql, p) for sql, p in captured_sql if "FROM jobs" in sql]
-    assert len(job_reads) == 1, captured_sql
-    sql, params = job_reads[0]
-    plan = [r[3] for r in rows(db_path, "EXPLAIN QUERY PLAN " + sql, *params)]
-    assert all(step.startswith("SEARCH jobs USING") for step in plan), plan
+
+    def plan_of(sql: str, params: tuple) -> list[str]:
+        return [r[3] for r in rows(db_path, "EXPLAIN QUERY PLAN " + sql, *params)]
+
+    for status in (None, "success", "failed"):
+        first = "/api/images?limit=10" + (f"&status={status}" if status else "")
+        path: str | None = first
+        for page in ("first page", "behind its cursor"):
+            assert path is not None, (status, page)
+            query, after, limit = list_request(path)
+            assert (after is None) == (page == "first page")
+            captured_sql.clear()
+            # The route's call: one record more than the page, to know if there is a next one.
+            records, jobs, keys = await store.search_with_jobs(query, limit=limit + 1, after=after)
+            if page == "first page":
+                assert len(records) == limit + 1, status  # so there is a page behind its cursor
+            listings = [(sql, p) for sql, p in captured_sql if "FROM images" in sql]
+            assert len(listings) == 1, captured_sql
+            sql, params = listings[0]
+            if after is not None:
+                assert params[-3:-1] == after, (sql, params)
+            plan = plan_of(sql, params)
+            where = (status, page, plan)
+            assert not any(re.fullmatch(r"SCAN i\b(?!.*INDEX).*", step) for step in plan), where
+            assert not any("TEMP B-TREE" in step for step in plan), where
+            assert any("INDEX" in step and step.split()[1] == "i" for step in plan), where
+            used = [
+                m.group(1)
+                for step in plan
+                if (m := re.match(r"(?:SCAN|SEARCH) i .*?INDEX (\w+)", step))
+            ]
+            assert used == [index_of[status]], where
+            # The page's jobs are read by key, not by scanning the jobs table.
+            job_reads = [(sql, p) for sql, p in captured_sql if "FROM jobs" in sql]
+            stored = {r.sha256 for r in records if r.sha256 is not None}
+            assert set(jobs) == stored
+            if status == "failed":
+                assert not stored and job_reads == [], captured_sql
+            else:
+                assert stored and len(job_reads) == 1, captured_sql
+                job_plan = plan_of(*job_reads[0])
+                assert all(step.startswith("SEARCH jobs USING") for step in job_plan), job_plan
+            # The next page, as the route's Link header gives it.
+            path = None
+            if len(records) > limit:
+                path = f"{first}&cursor={listing.encode_cursor(query, keys[limit - 1])}"
 
 
 # -- closing and concurrency --------------------------------------------------------------------
