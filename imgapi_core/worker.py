@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from arq.connections import RedisSettings
 
-from imgapi_core import dispatch, formats, metrics
+from imgapi_core import dispatch, formats, metrics, uploads
 from imgapi_core import settings as settings_mod
 from imgapi_core.events.notify import RedisNotifier, channel_name
 from imgapi_core.logs import setup_logging
@@ -104,6 +104,10 @@ async def worker_startup(ctx: dict[str, Any]) -> None:
             raise RuntimeError(f"WORKER_METRICS_PORT={cfg.worker_metrics_port}: {exc}") from exc
     store = await open_store(cfg)
     media = await open_media(cfg)
+    # Jobs on S3 read originals through temp copies: a worker killed mid-job leaves one, and on
+    # a host with workers only no API start-up would ever sweep it.
+    if removed := await asyncio.to_thread(uploads.sweep_temp_files, cfg.tmp_dir):
+        log.info("removed %d temp files left by stopped processes", removed)
     runtime = Runtime(cfg, store, media)
     queue = dispatch.ArqQueue(cfg.redis_url, cfg.arq_queue, redis=ctx["redis"])
     # This worker's job events reach the API processes (waiters, streams, webhooks) through it.

@@ -1,7 +1,8 @@
 """Events and wait across real processes: two `python imgapi.py` API processes and a separate
 `arq jobs.WorkerSettings` worker on one database and a private Redis. What the worker and the other
-API process commit reaches a stream and a waiter through the Redis channel; a client that
-reconnects with Last-Event-ID gets what it missed; an idle stream gets heartbeats."""
+API process commit reaches a stream and a waiter (through the Redis channel on SQLite, through
+LISTEN/NOTIFY on PostgreSQL: each test runs on both engine pairs); a client that reconnects with
+Last-Event-ID gets what it missed; an idle stream gets heartbeats."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from procs import (
 )
 from procs import start_worker as start_arq_worker
 
-pytestmark = [pytest.mark.slow, pytest.mark.redis]
+pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.both_engines]
 
 # Liveness bounds for a stream or a waiter: far above the milliseconds they take.
 WITHIN_S = 30
@@ -39,9 +40,13 @@ class Stack:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, private_redis: RedisServer) -> Iterator[Stack]:
+def stack(tmp_path: Path, private_redis: RedisServer, engines: dict[str, str]) -> Iterator[Stack]:
     env = settings_for(
-        tmp_path, REDIS_URL=private_redis.url, WORKER="off", EVENTS_HEARTBEAT_SECONDS="0.5"
+        tmp_path,
+        REDIS_URL=private_redis.url,
+        WORKER="off",
+        EVENTS_HEARTBEAT_SECONDS="0.5",
+        **engines,
     )
     started: list[Proc] = []
     try:
@@ -203,8 +208,10 @@ def make_key(env: dict[str, str], name: str, scopes: str) -> str:
     return made.stdout.splitlines()[-1]
 
 
-def test_the_stream_needs_the_read_scope_in_keys_mode(tmp_path: Path) -> None:
-    env = settings_for(tmp_path, AUTH="keys")
+def test_the_stream_needs_the_read_scope_in_keys_mode(
+    tmp_path: Path, engines: dict[str, str]
+) -> None:
+    env = settings_for(tmp_path, AUTH="keys", **engines)
     reader, uploader = make_key(env, "reader", "read"), make_key(env, "uploader", "upload")
     api = start_api(env, tmp_path / "api.log")
     try:
@@ -228,12 +235,12 @@ def test_the_stream_needs_the_read_scope_in_keys_mode(tmp_path: Path) -> None:
 
 
 async def test_a_shutdown_ends_open_streams_and_waiters_at_once(
-    tmp_path: Path, private_redis: RedisServer
+    tmp_path: Path, private_redis: RedisServer, engines: dict[str, str]
 ) -> None:
     """Sanic waits up to its graceful-shutdown timeout (15 s) for open connections: a stream that
     never ends, or a waiter, would hold every restart that long."""
     # WORKER=off and no worker: the upload's jobs stay queued.
-    env = settings_for(tmp_path, REDIS_URL=private_redis.url, WORKER="off")
+    env = settings_for(tmp_path, REDIS_URL=private_redis.url, WORKER="off", **engines)
     api = start_api(env, tmp_path / "api.log")
     try:
         record = await asyncio.to_thread(upload, api, seeded_jpeg(30))
