@@ -1,18 +1,20 @@
 """Helpers for the job tests that drive the in-process app through sanic-testing's ASGI client
 (api/test_jobs.py, api/test_exif_thumbs_jobs.py, api/test_media_keys.py, system/test_jobs_arq.py):
-corpus photos, uploads, waiting for jobs, and the database and media files read directly."""
+corpus photos, uploads, waiting for jobs, and the database and stored media read directly (on
+either engine: db_query, media_view)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import db_query
-from conftest import corpus_folder, multipart, originals_dir, thumbnail_file, wait_for
+import media_view
+from conftest import corpus_folder, multipart, wait_for
 from sanic_testing.testing import SanicASGITestClient
 
+from imgapi_core.media import thumbnail_key
 from imgapi_core.settings import Settings
 
 FINISHED = ("done", "failed", "skipped", "unavailable")
@@ -80,10 +82,11 @@ async def wait_jobs(
     return seen["record"]
 
 
-def original_path(cfg: Settings, image_id: str) -> Path:
-    (path,) = originals_dir(cfg).glob(f"{image_id}.*")
-    return path
+def original_key(cfg: Settings, image_id: str) -> str:
+    """The storage key of an upload's original, found in storage (not in the record)."""
+    (key,) = media_view.keys(cfg, f"originals/{image_id}.")
+    return key
 
 
-def thumbnail_files(cfg: Settings, sha256: str) -> dict[str, Path]:
-    return {size: thumbnail_file(cfg, size, sha256) for size in ("small", "medium")}
+def thumbnail_keys(sha256: str, fmt: str = "jpeg") -> dict[str, str]:
+    return {size: thumbnail_key(size, sha256, fmt) for size in ("small", "medium")}

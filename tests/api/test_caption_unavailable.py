@@ -11,9 +11,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import media_view
 import pytest
 from conftest import running_app
-from job_helpers import original_path, upload, wait_jobs
+from job_helpers import original_key, upload, wait_jobs
 from PIL import Image
 from sanic_testing.testing import SanicASGITestClient
 from tiny_blip import WORDS, build_tiny_blip
@@ -165,16 +166,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.caption
-@pytest.mark.local_engines
 async def test_an_image_the_captioner_cannot_decode_fails_its_caption_job(
     make_settings, tmp_path: Path, tiny_model: Path
 ) -> None:
-    # Uploads check the image, so the original is spoilt on disk between the upload (no runner)
+    # Uploads check the image, so the original is spoilt in storage between the upload (no runner)
     # and the jobs (a runner started on the same database): one image's fault, not the model's.
     queued_only = make_settings(CAPTION_MODEL=str(tiny_model), WORKER="off")
     async with running_app(queued_only) as app:
         image_id = await upload_image(SanicASGITestClient(app), tmp_path, "white")
-    original_path(queued_only, image_id).write_bytes(b"\xff\xd8\xff\xe0 not a JPEG any more" * 20)
+    spoilt = b"\xff\xd8\xff\xe0 not a JPEG any more" * 20
+    media_view.write(queued_only, original_key(queued_only, image_id), spoilt)
 
     async with running_app(make_settings(CAPTION_MODEL=str(tiny_model))) as app:
         client = SanicASGITestClient(app)
@@ -182,7 +183,7 @@ async def test_an_image_the_captioner_cannot_decode_fails_its_caption_job(
         job = rec["data"]["jobs"]["caption"]
         assert job["state"] == "failed"
         assert job["error"].startswith("cannot decode image: ")
-        assert str(tmp_path) not in job["error"]
+        assert str(tmp_path) not in job["error"] and "s3://" not in job["error"]
         counts = await stats(client)
         assert counts["jobs"]["unavailable"] == 0 and counts["jobs"]["failed"] >= 1
         # The model itself is fine: another image gets its caption.

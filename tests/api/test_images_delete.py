@@ -3,14 +3,13 @@ thumbnails go; bytes shared by another upload stay until the last one goes."""
 
 from __future__ import annotations
 
-import pytest
+import media_view
 from api_helpers import (
     THUMB_BOXES,
     XLSX,
     assert_error_shape,
     db_count,
     exif_jpeg,
-    files_in,
     jpeg_bytes,
     no_worker,
     open_jpeg,
@@ -18,23 +17,24 @@ from api_helpers import (
     upload,
     upload_ok,
 )
-from conftest import originals_dir, thumbnails_dir
+
+from imgapi_core.media import original_key, thumbnail_key
 
 # -- delete -------------------------------------------------------------------------------------
 
 
 @no_worker
-@pytest.mark.local_engines
 async def test_delete_removes_record_and_original(client, cfg):
     body = await upload_ok(client, jpeg_bytes(), "gone.jpg")
     image_id = body["data"]["image_id"]
-    assert len(files_in(originals_dir(cfg))) == 1
+    assert media_view.keys(cfg) == [original_key(image_id, "jpg")]
     _, res = await client.delete(f"/api/images/{image_id}")
     assert res.status == 204 and res.content == b""
     for suffix in ("", "/original", "/thumbnails/small"):
         _, res = await client.get(f"/api/images/{image_id}{suffix}")
         assert_error_shape(res, 404)
-    assert files_in(originals_dir(cfg)) == []
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []
     _, res = await client.get("/api/images")
     assert res.json == []
     _, res = await client.delete(f"/api/images/{image_id}")
@@ -52,17 +52,18 @@ async def test_delete_of_a_failed_upload(client, cfg):
 
 
 @no_worker
-@pytest.mark.local_engines
 async def test_delete_keeps_shared_bytes_until_the_last_upload_goes(client, cfg):
     data = exif_jpeg()
     digest = sha256(data)
     first = (await upload_ok(client, data, "one.jpg"))["data"]["image_id"]
     second = (await upload_ok(client, data, "two.jpg"))["data"]["image_id"]
-    for size_name in THUMB_BOXES:  # made on demand: the thumbnail files now exist
+    for size_name in THUMB_BOXES:  # made on demand: the thumbnails are now stored
         _, res = await client.get(f"/api/images/{first}/thumbnails/{size_name}")
         assert res.status == 200
-    thumb_files = [thumbnails_dir(cfg) / s / f"{digest}.jpeg" for s in THUMB_BOXES]
-    assert all(p.is_file() for p in thumb_files)
+    thumb_keys = [thumbnail_key(s, digest, "jpeg") for s in THUMB_BOXES]
+    assert all(media_view.exists(cfg, key) for key in thumb_keys)
+    originals = sorted(original_key(image_id, "jpg") for image_id in (first, second))
+    assert media_view.keys(cfg, "originals/") == originals
 
     _, res = await client.delete(f"/api/images/{first}")
     assert res.status == 204
@@ -78,13 +79,15 @@ async def test_delete_keeps_shared_bytes_until_the_last_upload_goes(client, cfg)
         assert res.status == 200 and max(open_jpeg(res.content).size) == min(box, 300)
     _, res = await client.get(f"/api/images/{second}/original")
     assert res.status == 200 and res.content == data
-    assert all(p.is_file() for p in thumb_files)
+    assert all(media_view.exists(cfg, key) for key in thumb_keys)
+    assert media_view.keys(cfg, "originals/") == [original_key(second, "jpg")]
     assert db_count(cfg, "metadata") == 1 and db_count(cfg, "jobs") == 3
 
     _, res = await client.delete(f"/api/images/{second}")
     assert res.status == 204
-    assert not any(p.exists() for p in thumb_files)
-    assert files_in(originals_dir(cfg)) == []
+    assert not any(media_view.exists(cfg, key) for key in thumb_keys)
+    assert media_view.keys(cfg) == []  # no original, no thumbnail in any format
+    assert media_view.leftovers(cfg) == []
     assert db_count(cfg, "metadata") == 0
     assert db_count(cfg, "jobs") == 0
     assert db_count(cfg, "images") == 0 and db_count(cfg, "stats") == 0

@@ -5,10 +5,9 @@ dedup of the same bytes."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
+import media_view
 from api_helpers import (
     THUMB_BOXES,
     XLSX,
@@ -31,9 +30,10 @@ from api_helpers import (
     upload_ok,
     with_env,
 )
-from conftest import multipart, originals_dir, thumbnails_dir, wait_for
+from conftest import multipart, wait_for
 
 from imgapi_core import runtime as jobs
+from imgapi_core.media import original_key, thumbnail_key
 
 BOUNDARY = "imgapi-test-boundary"
 
@@ -64,19 +64,22 @@ async def test_upload_success_answers_201_with_the_contract_record(client, cfg):
     assert_no_server_path(res, cfg)
 
 
-@pytest.mark.local_engines
 async def test_upload_stores_the_same_bytes_under_originals(client, cfg):
     data = png_bytes()
     body = await upload_ok(client, data, "diagram.PNG", "image/png")
     assert_success_record(body, data=data, name="diagram.PNG", size=(40, 30), fmt="png")
     image_id = body["data"]["image_id"]
-    stored = files_in(originals_dir(cfg))
-    assert [p.name for p in stored] == [f"{image_id}.png"]
-    assert sha256(stored[0].read_bytes()) == body["data"]["metadata"]["sha256"] == sha256(data)
-    assert files_in(cfg.tmp_dir) == []
+    key = original_key(image_id, "png")
+    assert media_view.keys(cfg, "originals/") == [key]
+    assert db_rows(cfg, "SELECT image_path FROM images WHERE image_id = ?", image_id) == [(key,)]
+    stored = media_view.read(cfg, key)
+    assert stored is not None
+    assert sha256(stored) == body["data"]["metadata"]["sha256"] == sha256(data)
+    # The jobs finish first: on S3 a job reads the original through a temp file of its own.
+    await wait_for(lambda: jobs_finished(client, image_id))
+    assert media_view.leftovers(cfg) == []
 
 
-@pytest.mark.local_engines
 async def test_finished_jobs_fill_in_exif_and_job_states(client, cfg):
     data = exif_jpeg()
     body = await upload_ok(client, data, "camera.jpeg")
@@ -91,27 +94,32 @@ async def test_finished_jobs_fill_in_exif_and_job_states(client, cfg):
     assert exif["Make"] == "ImgapiTestMake" and exif["Model"] == "ImgapiTestModel", exif
     assert rec["data"]["jobs"]["thumbnail"]["attempts"] == 1
     for size_name in THUMB_BOXES:
-        assert (thumbnails_dir(cfg) / size_name / f"{sha256(data)}.jpeg").is_file()
+        assert media_view.exists(cfg, thumbnail_key(size_name, sha256(data), "jpeg")), size_name
 
 
-@pytest.mark.local_engines
-async def test_client_file_name_is_never_a_path(client, cfg):
+async def test_client_file_name_is_never_a_path(client, cfg, tmp_path):
     data = jpeg_bytes()
     name = "../../../evil.jpg"
     body = await upload_ok(client, data, name)
     image_id = body["data"]["image_id"]
     assert body["data"]["original_name"] == name  # kept as text, shown back as it came
-    root = Path(cfg.media_dir).parent
-    everything = [p.relative_to(root).as_posix() for p in files_in(root)]
-    assert "evil.jpg" not in " ".join(everything)
-    assert f"media/originals/{image_id}.jpg" in everything
+    await wait_for(lambda: jobs_finished(client, image_id))
+    stored = media_view.keys(cfg) + media_view.leftovers(cfg)
+    assert "evil" not in " ".join(stored), stored
+    assert original_key(image_id, "jpg") in stored
+    (key,) = db_rows(cfg, "SELECT image_path FROM images WHERE image_id = ?", image_id)
+    assert key == (original_key(image_id, "jpg"),)
+    # Nor any local file (the upload temp folder, the SQLite file's folder) of that name, on
+    # either engine: everything the app writes locally is under the test's own folder.
+    local = [p.relative_to(tmp_path).as_posix() for p in files_in(tmp_path)]
+    assert "evil" not in " ".join(local), local
 
 
 # -- failed uploads -----------------------------------------------------------------------------
 
 
 async def assert_recorded_failure(client, cfg, body: dict) -> None:
-    """GET by id shows the failure; stats count it; nothing is left on disk."""
+    """GET by id shows the failure; stats count it; nothing is left in storage or behind it."""
     data = body["data"]
     _, res = await client.get(f"/api/images/{data['image_id']}")
     assert res.status == 200
@@ -131,8 +139,8 @@ async def assert_recorded_failure(client, cfg, body: dict) -> None:
         "SELECT error, metadata_sha256, image_path FROM images WHERE image_id = ?",
         data["image_id"],
     ) == [(body["error"], None, None)]
-    assert files_in(originals_dir(cfg)) == []
-    assert files_in(cfg.tmp_dir) == []
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []
 
 
 async def test_xlsx_is_refused_with_415_and_recorded(client, cfg):
@@ -242,7 +250,6 @@ async def test_declared_content_length_over_the_cap_is_413_at_once(client, cfg):
 
 
 @with_env(MAX_UPLOAD_BYTES="100000")
-@pytest.mark.local_engines
 async def test_chunked_body_with_a_huge_non_file_field_is_413(client, cfg):
     """The cap covers the whole body, not only the file part: a form field of megabytes sent
     without a Content-Length must not be read to its end."""
@@ -254,14 +261,14 @@ async def test_chunked_body_with_a_huge_non_file_field_is_413(client, cfg):
     )
     assert_error_shape(res, 413)
     assert body.sent < 400, "the whole oversized body was read"
-    assert files_in(cfg.tmp_dir) == []
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []
 
 
 # -- dedup --------------------------------------------------------------------------------------
 
 
 @no_worker
-@pytest.mark.local_engines
 async def test_same_bytes_twice_share_metadata_and_jobs(app, client, cfg):
     data = exif_jpeg()
     first = (await upload_ok(client, data, "a.jpg"))["data"]
@@ -275,7 +282,8 @@ async def test_same_bytes_twice_share_metadata_and_jobs(app, client, cfg):
     assert db_count(cfg, "metadata") == 1
     assert db_count(cfg, "jobs") == 3  # no new jobs for the second upload
     assert db_count(cfg, "images") == 2
-    assert len(files_in(originals_dir(cfg))) == 2
+    originals = [original_key(first["image_id"], "jpg"), original_key(second["image_id"], "jpg")]
+    assert media_view.keys(cfg, "originals/") == sorted(originals)
     open_rows = "SELECT count(*) FROM stats WHERE end_time IS NULL"
     assert db_rows(cfg, open_rows) == [(2,)]
 

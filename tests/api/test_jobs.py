@@ -7,11 +7,13 @@ test_jobs_arq.py.
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import media_view
 import pytest
 from conftest import running_app, wait_for
 from job_helpers import (
@@ -20,9 +22,9 @@ from job_helpers import (
     db_write,
     get_record,
     job_rows,
-    original_path,
+    original_key,
     photo_bytes,
-    thumbnail_files,
+    thumbnail_keys,
     unique_jpeg,
     upload,
     wait_jobs,
@@ -35,10 +37,31 @@ from imgapi_core import imaging
 from imgapi_core import runtime as jobs
 from imgapi_core.settings import Settings
 
+
+def stored_image(cfg: Settings, key: str) -> Image.Image:
+    data = media_view.read(cfg, key)
+    assert data, f"nothing stored under {key}"
+    return Image.open(io.BytesIO(data))
+
+
+def record_writes(app: Sanic, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys the app's media store is asked to write from now on (thumbnails are written
+    with put_bytes), on either engine."""
+    written: list[str] = []
+    media = app.ctx.media
+    real_put = media.put_bytes
+
+    async def put_bytes(key: str, data: bytes) -> None:
+        written.append(key)
+        await real_put(key, data)
+
+    monkeypatch.setattr(media, "put_bytes", put_bytes)
+    return written
+
+
 # -- mode 1: jobs in the API process ----------------------------------------------------------
 
 
-@pytest.mark.local_engines
 async def test_upload_runs_its_jobs_in_process(client: SanicASGITestClient, cfg: Settings) -> None:
     assert not cfg.redis_url and cfg.worker == "inline"
     body = await upload(client, photo_bytes(SMALL_PHOTO), "x100f.jpg")
@@ -58,8 +81,8 @@ async def test_upload_runs_its_jobs_in_process(client: SanicASGITestClient, cfg:
 
     sha256 = record["data"]["metadata"]["sha256"]
     expected = {"small": (256, 171), "medium": (768, 512)}
-    for size, path in thumbnail_files(cfg, sha256).items():
-        with Image.open(path) as im:
+    for size, key in thumbnail_keys(sha256).items():
+        with stored_image(cfg, key) as im:
             assert im.format == "JPEG"
             assert im.size == expected[size]
             assert not im.getexif()  # nothing of the original's metadata is carried over
@@ -90,17 +113,17 @@ async def test_upload_runs_its_jobs_in_process(client: SanicASGITestClient, cfg:
     }
 
 
-@pytest.mark.local_engines
 async def test_duplicate_upload_runs_no_new_jobs(
-    client: SanicASGITestClient, cfg: Settings
+    app: Sanic, client: SanicASGITestClient, cfg: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = unique_jpeg(photo_bytes(SMALL_PHOTO))
     first = await upload(client, data)
     first_id = first["data"]["image_id"]
     sha256 = first["data"]["metadata"]["sha256"]
     done = await wait_jobs(client, first_id, states=("done",))
-    thumbs = thumbnail_files(cfg, sha256)
-    before = {size: path.stat() for size, path in thumbs.items()}
+    thumbs = thumbnail_keys(sha256)
+    before = {size: media_view.read(cfg, key) for size, key in thumbs.items()}
+    written = record_writes(app, monkeypatch)
 
     second = await upload(client, data, "again.jpg")
     second_data = second["data"]
@@ -122,9 +145,8 @@ async def test_duplicate_upload_runs_no_new_jobs(
         "exif": 1,
         "caption": 0,
     }
-    for size, path in thumbs.items():
-        after = path.stat()
-        assert (after.st_ino, after.st_mtime_ns) == (before[size].st_ino, before[size].st_mtime_ns)
+    assert written == []  # no thumbnail made again
+    assert {size: media_view.read(cfg, key) for size, key in thumbs.items()} == before
 
 
 async def test_duplicates_uploaded_together_share_one_run(
@@ -161,9 +183,8 @@ async def runtime(quiet_app: Sanic) -> AsyncIterator[jobs.Runtime]:
         await rt.close()
 
 
-@pytest.mark.local_engines
 async def test_done_job_is_not_run_again_and_a_forced_rerun_is_identical(
-    quiet_app: Sanic, runtime: jobs.Runtime
+    quiet_app: Sanic, runtime: jobs.Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = quiet_app.ctx.settings
     client = SanicASGITestClient(quiet_app)
@@ -173,9 +194,10 @@ async def test_done_job_is_not_run_again_and_a_forced_rerun_is_identical(
 
     assert await runtime.run("thumbnail", sha256) == "done"
     assert await runtime.run("exif", sha256) == "done"
-    thumbs = thumbnail_files(cfg, sha256)
-    first_bytes = {size: path.read_bytes() for size, path in thumbs.items()}
-    first_inodes = {size: path.stat().st_ino for size, path in thumbs.items()}
+    thumbs = {key for fmt in cfg.thumb_formats for key in thumbnail_keys(sha256, fmt).values()}
+    first_bytes = {key: media_view.read(cfg, key) for key in thumbs}
+    assert all(first_bytes.values())
+    written = record_writes(quiet_app, monkeypatch)
     (meta,) = db_rows(cfg, "SELECT exif_json FROM metadata WHERE sha256 = ?", (sha256,))
     first_exif = meta["exif_json"]
 
@@ -186,16 +208,16 @@ async def test_done_job_is_not_run_again_and_a_forced_rerun_is_identical(
         "thumbnail": 1,
         "exif": 1,
     }
-    assert {size: path.stat().st_ino for size, path in thumbs.items()} == first_inodes
+    assert written == []
 
-    # Forced re-run: the files are written again (new inodes), with the same bytes.
+    # Forced re-run: the thumbnails are written again, with the same bytes.
     db_write(
         cfg, "UPDATE jobs SET state = 'queued' WHERE sha256 = ? AND kind != 'caption'", (sha256,)
     )
     assert await runtime.run("thumbnail", sha256) == "done"
     assert await runtime.run("exif", sha256) == "done"
-    assert {size: path.stat().st_ino for size, path in thumbs.items()} != first_inodes
-    assert {size: path.read_bytes() for size, path in thumbs.items()} == first_bytes
+    assert sorted(written) == sorted(thumbs)
+    assert {key: media_view.read(cfg, key) for key in thumbs} == first_bytes
     (meta,) = db_rows(cfg, "SELECT exif_json FROM metadata WHERE sha256 = ?", (sha256,))
     assert meta["exif_json"] == first_exif
     assert job_rows(cfg, sha256)["thumbnail"]["attempts"] == 2
@@ -327,7 +349,6 @@ async def test_transient_errors_with_the_in_process_runner(
         assert record["data"]["metadata"]["exif"]["Make"] == "FUJIFILM"
 
 
-@pytest.mark.local_engines
 async def test_permanent_errors_fail_at_once_and_the_runner_carries_on(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -338,10 +359,10 @@ async def test_permanent_errors_fail_at_once_and_the_runner_carries_on(
         gone, broken, fine = [
             (await upload(client, unique_jpeg(photo_bytes(SMALL_PHOTO))))["data"] for _ in range(3)
         ]
-    original_path(off, gone["image_id"]).unlink()
-    broken_path = original_path(off, broken["image_id"])
-    content = broken_path.read_bytes()
-    broken_path.write_bytes(content[: len(content) // 2])  # headers (EXIF) and half the scan
+    media_view.remove(off, original_key(off, gone["image_id"]))
+    broken_key = original_key(off, broken["image_id"])
+    content = media_view.read(off, broken_key)
+    media_view.write(off, broken_key, content[: len(content) // 2])  # EXIF and half the scan
 
     inline = make_settings(WORKER="inline")
     async with running_app(inline) as application:
@@ -360,19 +381,19 @@ async def test_permanent_errors_fail_at_once_and_the_runner_carries_on(
     assert thumb["state"] == "failed" and thumb["attempts"] == 1
     assert thumb["error"].startswith("the image cannot be decoded: ")
     assert "truncated" in thumb["error"]
-    assert str(off.media_dir) not in thumb["error"]  # no server path in what clients see
+    # No server path (nor bucket) in what clients see.
+    assert str(off.media_dir) not in thumb["error"] and "s3://" not in thumb["error"]
     # EXIF sits in the headers, which survived: a partial result, never a crash.
     assert broken_rec["data"]["jobs"]["exif"]["state"] == "done"
     assert broken_rec["data"]["metadata"]["exif"]["Make"] == "FUJIFILM"
     assert fine_rec["data"]["metadata"]["exif"]["Make"] == "FUJIFILM"
-    for path in thumbnail_files(inline, fine_rec["data"]["metadata"]["sha256"]).values():
-        assert path.stat().st_size > 0
+    for key in thumbnail_keys(fine_rec["data"]["metadata"]["sha256"]).values():
+        assert media_view.read(inline, key)
 
 
 # -- recovery ----------------------------------------------------------------------------------
 
 
-@pytest.mark.local_engines
 async def test_job_left_running_by_a_dead_runner_is_rerun_after_its_lease(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -397,10 +418,9 @@ async def test_job_left_running_by_a_dead_runner_is_rerun_after_its_lease(
     assert record["data"]["jobs"]["thumbnail"] == {"state": "done", "attempts": 2}
     row = job_rows(off, sha256)["thumbnail"]
     assert row["runner"] is None and row["lease_until"] is None
-    assert thumbnail_files(off, sha256)["small"].exists()
+    assert media_view.exists(off, thumbnail_keys(sha256)["small"])
 
 
-@pytest.mark.local_engines
 async def test_api_restart_loses_no_job(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -437,7 +457,7 @@ async def test_api_restart_loses_no_job(
         for image_id in ids:
             record = await wait_jobs(client, image_id, states=("done",), within=60)
             sha256 = record["data"]["metadata"]["sha256"]
-            with Image.open(thumbnail_files(cfg, sha256)["medium"]) as im:
+            with stored_image(cfg, thumbnail_keys(sha256)["medium"]) as im:
                 assert im.size == (576, 768)  # 4000x3000 with Orientation=6: portrait
     ends = db_rows(cfg, "SELECT end_time FROM stats")
     assert len(ends) == 4 and all(row["end_time"] for row in ends)

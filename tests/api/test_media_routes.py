@@ -4,7 +4,7 @@ requests and byte ranges: test_media_http.py.)"""
 
 from __future__ import annotations
 
-import pytest
+import media_view
 from api_helpers import (
     THUMB_BOXES,
     THUMB_CACHE,
@@ -12,7 +12,6 @@ from api_helpers import (
     assert_no_server_path,
     corrupt_jpeg,
     exif_jpeg,
-    files_in,
     jpeg_bytes,
     mean_difference,
     no_worker,
@@ -22,8 +21,9 @@ from api_helpers import (
     upload,
     upload_ok,
 )
-from conftest import thumbnails_dir
 from PIL import Image
+
+from imgapi_core.media import thumbnail_key
 
 # Mean absolute difference (0-255 per channel) between an upright thumbnail and orient1's: measured
 # 0.5-2.5 for orient2..8, 70-87 for a mirrored or rotated orient1.
@@ -43,14 +43,15 @@ async def test_thumbnail_size_other_than_small_or_medium_is_400(client):
 
 
 @no_worker
-@pytest.mark.local_engines
 async def test_thumbnails_are_made_on_demand_upright_and_clean(client, cfg, photos):
     thumbs: dict[tuple[int, str], Image.Image] = {}
     ids: dict[int, str] = {}
+    digests: set[str] = set()
     for n in range(1, 9):
         data = (photos / f"orient{n}.jpg").read_bytes()
         body = await upload_ok(client, data, f"orient{n}.jpg")
         ids[n] = body["data"]["image_id"]
+        digests.add(body["data"]["metadata"]["sha256"])
         for size_name, box in THUMB_BOXES.items():
             _, res = await client.get(path_of(body["thumbnails"][size_name]))
             assert res.status == 200, res.text
@@ -78,7 +79,14 @@ async def test_thumbnails_are_made_on_demand_upright_and_clean(client, cfg, phot
     _, res = await client.get(f"/api/images/{ids[6]}")
     assert res.json["data"]["jobs"]["thumbnail"]["state"] == "queued"
     # 8 images x 2 sizes, in each format of THUMB_FORMATS (jpeg, webp), from one decode each.
-    assert len(files_in(thumbnails_dir(cfg))) == 8 * 2 * len(cfg.thumb_formats)
+    expected = sorted(
+        thumbnail_key(size_name, digest, fmt)
+        for digest in digests
+        for size_name in THUMB_BOXES
+        for fmt in cfg.thumb_formats
+    )
+    assert len(expected) == 8 * 2 * len(cfg.thumb_formats)
+    assert media_view.keys(cfg, "thumbnails/") == expected
 
 
 @no_worker

@@ -2,7 +2,8 @@
 enqueues; separate workers run), and recovery from dead workers and a Redis outage.
 
 Redis: IMGAPI_TEST_REDIS_URL (default redis://127.0.0.1:6379), database 11 unless the URL names
-one, a fresh ARQ_QUEUE per test. Tests that stop Redis use a private redis-server.
+one, a fresh ARQ_QUEUE per test. Tests that stop Redis use a private redis-server. Each test runs
+on both engine pairs (SQLite + a folder, PostgreSQL + S3).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import media_view
 import pytest
 import redis
 from arq.constants import in_progress_key_prefix, job_key_prefix
@@ -26,9 +28,9 @@ from job_helpers import (
     SMALL_PHOTO,
     get_record,
     job_rows,
-    original_path,
+    original_key,
     photo_bytes,
-    thumbnail_files,
+    thumbnail_keys,
     unique_jpeg,
     upload,
     wait_jobs,
@@ -44,7 +46,7 @@ from imgapi_core.media import open_media
 from imgapi_core.settings import Settings
 from imgapi_core.store import open_store
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.both_engines]
 
 REDIS_DB = 11
 
@@ -157,7 +159,7 @@ async def test_mode2_the_apis_own_arq_worker_runs_the_jobs(
         await wait_for(lambda: worker.jobs_complete >= 2)
         _, res = await client.get("/healthz")
         assert res.status == 200 and res.json["redis"] == "ok"
-    assert all(path.exists() for path in thumbnail_files(cfg, sha256).values())
+    assert all(media_view.exists(cfg, key) for key in thumbnail_keys(sha256).values())
     # Nothing left in Redis: the queue is empty and finished jobs keep no result.
     assert arq_setup.queued_ids() == set()
     assert not arq_setup.client.exists(*(job_key_prefix + jid for jid in job_ids(sha256)))
@@ -201,7 +203,7 @@ async def test_mode3_the_api_only_enqueues_and_a_burst_worker_runs_all(
                 "caption": "skipped",
             }
 
-        original_path(cfg, gone["image_id"]).unlink()
+        media_view.remove(cfg, original_key(cfg, gone["image_id"]))
         async with arq_worker(cfg, burst=True) as worker:
             assert worker.jobs_complete == 4
             assert worker.jobs_failed == 0  # a failed job is recorded, not an arq failure
@@ -225,7 +227,10 @@ async def test_mode3_the_api_only_enqueues_and_a_burst_worker_runs_all(
 
 
 async def test_mode3_with_the_arq_cli_worker(
-    make_settings: Callable[..., Settings], arq_setup: ArqSetup, tmp_path: Path
+    make_settings: Callable[..., Settings],
+    arq_setup: ArqSetup,
+    tmp_path: Path,
+    engines: dict[str, str],
 ) -> None:
     cfg = arq_settings(make_settings, arq_setup, WORKER="off")
     async with running_app(cfg) as app:
@@ -245,6 +250,7 @@ async def test_mode3_with_the_arq_cli_worker(
             "ARQ_QUEUE": cfg.arq_queue,
             "CAPTION_MODEL": "none",
             "LOG_LEVEL": "info",
+            **engines,
         }
         worker = start_worker(env, tmp_path / "worker.log", burst=True)
         try:
@@ -297,7 +303,7 @@ async def test_job_held_by_a_dead_worker_is_run_by_another_after_its_lease(
             assert time.time() >= lapses_at - 0.1
     assert record["data"]["jobs"]["thumbnail"] == {"state": "done", "attempts": 2}
     assert not arq_setup.client.exists(in_progress)
-    assert thumbnail_files(cfg, sha256)["small"].exists()
+    assert media_view.exists(cfg, thumbnail_keys(sha256)["small"])
 
 
 async def test_jobs_queued_while_redis_was_down_run_once_it_is_back(
