@@ -213,12 +213,23 @@ async def open_guard(store: Store, settings: Settings, host: str | None, unix: b
             "AUTH=keys and no API key yet: every request but /healthz and /docs gets a 401."
             " Make the first one with: python imgapi.py keys create admin --scopes admin"
         )
-    if mode == OPEN and settings.auth == OPEN and host is not None and not is_loopback(host):
-        log.warning(
-            "AUTH=open on %s: anyone who can reach this address can read and delete every image",
-            host,
-        )
+    if settings.auth == OPEN:
+        log.warning(open_warning(host, unix))
     return guard
+
+
+def open_warning(host: str | None, unix: bool) -> str:
+    """The one line an AUTH=open set on purpose logs at start (AUTH=auto resolved to open, on a
+    loopback address or a Unix socket, logs none: nothing but this machine can connect)."""
+    where = "a Unix socket" if unix else (host or "the ASGI server's address")
+    reach = "it"
+    if not unix and host is not None and not is_loopback(host):
+        where += " (NOT a loopback address)"
+        reach = "it from any machine on the network"
+    return (
+        f"AUTH=open on {where}: no API key is checked; anyone who can reach {reach} can read and"
+        " delete every image (AUTH=keys requires keys)"
+    )
 
 
 def _new_secret() -> str:

@@ -66,7 +66,11 @@ def keys_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 
 def create_key(env: dict[str, str], name: str, scopes: str | None = None) -> str:
     args = ["create", name] + (["--scopes", scopes] if scopes else [])
-    done = keys_cli(env, *args)
+    return token_of(keys_cli(env, *args))
+
+
+def token_of(done: subprocess.CompletedProcess[str]) -> str:
+    """The token a `keys create` printed, as its last line."""
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip().splitlines()[-1]
     assert TOKEN_RE.fullmatch(token), f"last line is not a token: {token!r}"
@@ -120,6 +124,41 @@ def non_loopback_address() -> str | None:
     return None
 
 
+def first_refusals(
+    servers: list[Proc], token: str, since: float, give_up_after: float
+) -> dict[str, float]:
+    """Asks each server, over and over, for /api/stats with this key until it answers 401:
+    {server url: seconds from `since` to its first 401} (inf for one that never did within
+    give_up_after). Any answer but 200 or 401 fails the test."""
+    refused: dict[str, float] = {}
+    clients = {
+        s.url: httpx.Client(base_url=s.url, headers=bearer(token), timeout=5) for s in servers
+    }
+    try:
+        while len(refused) < len(servers) and time.monotonic() - since < give_up_after:
+            for url, client in clients.items():
+                if url in refused:
+                    continue
+                res = client.get("/api/stats")
+                if res.status_code == 401:
+                    refused[url] = time.monotonic() - since
+                else:
+                    assert res.status_code == 200, (url, res.status_code, res.text)
+            time.sleep(0.02)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {s.url: refused.get(s.url, float("inf")) for s in servers}
+
+
+OPEN_WORDS = "no API key is checked; anyone who can reach it"
+
+
+def open_warnings(server: Proc) -> list[str]:
+    """The log lines of a server that warn that anyone may read and delete every image."""
+    return [line for line in server.output().splitlines() if OPEN_WORDS in line]
+
+
 @pytest.fixture
 def procs_to_stop() -> Iterator[list[Proc]]:
     started: list[Proc] = []
@@ -168,18 +207,48 @@ def test_auth_open_on_a_non_loopback_address_warns_and_serves(
 
     res = httpx.get(server.url + "/api/stats", timeout=10)
     assert res.status_code == 200, res.text
-    warnings = [line for line in server.output().splitlines() if "AUTH=open" in line]
-    assert warnings, f"no AUTH=open warning in the log:\n{server.output()[-3000:]}"
+    warnings = open_warnings(server)
+    assert len(warnings) == 1, f"not one AUTH=open warning in the log:\n{server.output()[-3000:]}"
     assert "WARNING" in warnings[0] and address in warnings[0], warnings
+    assert "NOT a loopback address" in warnings[0], warnings
+
+
+def test_auth_open_set_on_purpose_warns_on_loopback_too_and_auto_does_not(
+    tmp_path: Path, procs_to_stop: list[Proc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AUTH unset: nothing in the environment the services inherit (service_env copies it).
+    monkeypatch.delenv("AUTH", raising=False)
+    chosen = start_server(env_for(tmp_path / "open", AUTH="open"), tmp_path / "open.log")
+    procs_to_stop.append(chosen)
+    unset_env = env_for(tmp_path / "auto")
+    assert "AUTH" not in unset_env
+    unset = start_server(unset_env, tmp_path / "auto.log")
+    procs_to_stop.append(unset)
+
+    # Both open: no key asked.
+    for server in (chosen, unset):
+        res = httpx.get(server.url + "/api/stats", timeout=10)
+        assert res.status_code == 200, (server.url, res.text)
+
+    # AUTH=open set on purpose: one warning line at start, on loopback as elsewhere.
+    warnings = open_warnings(chosen)
+    assert len(warnings) == 1, f"not one AUTH=open warning in the log:\n{chosen.output()[-3000:]}"
+    assert "WARNING" in warnings[0], warnings
+    assert "AUTH=open" in warnings[0] and "127.0.0.1" in warnings[0], warnings
+    # AUTH unset on loopback (auto, so open): no such line, nor any other access warning.
+    assert open_warnings(unset) == [], unset.output()[-3000:]
+    assert "imgapi.access" not in unset.output(), unset.output()[-3000:]
 
 
 # -- 2. the keys command line against a running server ------------------------------------------
 
 
-def test_keys_cli_against_a_running_server(tmp_path: Path, procs_to_stop: list[Proc]) -> None:
+def test_keys_cli_against_two_running_servers(tmp_path: Path, procs_to_stop: list[Proc]) -> None:
     env = env_for(tmp_path, AUTH="keys")
-    server = start_server(env, tmp_path / "api.log")
-    procs_to_stop.append(server)
+    # Two API processes on the same database: each keeps its own key cache.
+    servers = [start_server(env, tmp_path / f"api{i}.log") for i in range(2)]
+    procs_to_stop.extend(servers)
+    server = servers[0]
     assert_failure(upload(server.url, seeded_jpeg(1)), 401)
     assert image_count(env) == 0
 
@@ -199,9 +268,10 @@ def test_keys_cli_against_a_running_server(tmp_path: Path, procs_to_stop: list[P
     assert res.status_code == 201, res.text
     print(f"new key accepted after {time.monotonic() - started:.2f} s")
     assert image_count(env) == 1
-    # X-API-Key is the other way to send it.
-    res = httpx.get(server.url + "/api/stats", headers={"X-API-Key": token}, timeout=10)
-    assert res.status_code == 200, res.text
+    # X-API-Key is the other way to send it; the other process takes the key too.
+    for each in servers:
+        res = httpx.get(each.url + "/api/stats", headers={"X-API-Key": token}, timeout=10)
+        assert res.status_code == 200, (each.url, res.text)
 
     listed = keys_cli(env, "list")
     assert listed.returncode == 0, listed.stderr
@@ -230,22 +300,62 @@ def test_keys_cli_against_a_running_server(tmp_path: Path, procs_to_stop: list[P
     assert bad.stderr.startswith("usage:")
     assert "carol" not in keys_cli(env, "list").stdout
 
+    # Revoked: every process refuses the key within 2 s of the command returning.
     revoked = keys_cli(env, "revoke", "alice")
+    returned = time.monotonic()
     assert revoked.returncode == 0, revoked.stderr
-    started = time.monotonic()
-    while True:
-        res = httpx.get(server.url + "/api/stats", headers=bearer(token), timeout=10)
-        elapsed = time.monotonic() - started
-        if res.status_code != 200 or elapsed > 5:
-            break
-        time.sleep(0.05)
-    print(f"revoked key refused after {elapsed:.2f} s")
-    assert_failure(res, 401)
-    assert res.headers["www-authenticate"].startswith("Bearer")
-    assert_failure(upload(server.url, seeded_jpeg(3), bearer(token)), 401)
+    refused_after = first_refusals(servers, token, returned, give_up_after=5.0)
+    figures = ", ".join(f"api{i} {refused_after[s.url]:.2f} s" for i, s in enumerate(servers))
+    print(f"revoked key refused after: {figures}")
+    for i, each in enumerate(servers):
+        assert refused_after[each.url] < 2.0, f"api{i} still took the revoked key: {figures}"
+    seed = iter(range(3, 10))
+    for each in servers:
+        # And it stays refused, for reads and uploads alike.
+        res = httpx.get(each.url + "/api/stats", headers=bearer(token), timeout=10)
+        assert_failure(res, 401)
+        assert res.headers["www-authenticate"].startswith("Bearer")
+        assert_failure(upload(each.url, seeded_jpeg(next(seed)), bearer(token)), 401)
     assert image_count(env) == 1
     # Revoking what is no longer active fails.
     assert keys_cli(env, "revoke", "alice").returncode != 0
+
+
+FIRST_KEY_COMMAND = re.compile(r"python imgapi\.py (keys create .+?)\s*$")
+
+
+def first_key_hints(server: Proc) -> list[str]:
+    """The log lines of a server that name the command making the first key."""
+    return [line for line in server.output().splitlines() if "python imgapi.py keys create" in line]
+
+
+def test_keys_mode_without_a_key_logs_the_command_that_makes_the_first(
+    tmp_path: Path, procs_to_stop: list[Proc]
+) -> None:
+    env = env_for(tmp_path, AUTH="keys")
+    server = start_server(env, tmp_path / "first.log")
+    procs_to_stop.append(server)
+    hints = first_key_hints(server)
+    assert len(hints) == 1, f"no one line naming the command:\n{server.output()[-3000:]}"
+    assert "WARNING" in hints[0], hints
+    assert_failure(httpx.get(server.url + "/api/stats", timeout=10), 401)
+
+    # The command it names, run as it stands, makes a key this server takes.
+    match = FIRST_KEY_COMMAND.search(hints[0])
+    assert match is not None, hints
+    token = token_of(keys_cli(env, *match.group(1).split()[1:]))
+    res = httpx.get(server.url + "/api/stats", headers=bearer(token), timeout=10)
+    assert res.status_code == 200, res.text
+    assert server.stop() == 0, server.output()[-3000:]
+
+    # Once a key exists, a restart on the same database says nothing of the sort.
+    again = start_server(env, tmp_path / "again.log")
+    procs_to_stop.append(again)
+    assert_failure(httpx.get(again.url + "/api/stats", timeout=10), 401)  # still keys mode
+    assert first_key_hints(again) == [], again.output()[-3000:]
+    assert "no API key yet" not in again.output(), again.output()[-3000:]
+    res = httpx.get(again.url + "/api/stats", headers=bearer(token), timeout=10)
+    assert res.status_code == 200, res.text
 
 
 # -- 3. a refused upload reads no body ----------------------------------------------------------
@@ -406,33 +516,82 @@ def urlsafe_raw(token: str) -> bytes:
     return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
 
 
+def database_files(db: Path) -> dict[str, bytes]:
+    """The bytes of the database file and of its -wal and -shm files, where they exist."""
+    paths = (db, Path(f"{db}-wal"), Path(f"{db}-shm"))
+    return {p.name: p.read_bytes() for p in paths if p.exists()}
+
+
+def secrets_of(tokens: dict[str, str], delete_token: str) -> list[tuple[str, bytes]]:
+    """Every form of a secret the database must not hold: each API token, its secret part (raw
+    and base64-decoded), the delete token (raw and decoded)."""
+    forms = []
+    for name, token in tokens.items():
+        secret = token.split("_", 2)[2]  # imgapi_<key id>_<secret>: the secret may hold "_" too
+        forms += [
+            (f"{name}'s token", token.encode()),
+            (f"{name}'s token's secret", secret.encode()),
+            (f"{name}'s token's secret, decoded", urlsafe_raw(secret)),
+        ]
+    forms += [
+        ("delete token", delete_token.encode()),
+        ("delete token, decoded", urlsafe_raw(delete_token)),
+    ]
+    return forms
+
+
+def assert_no_secret_in(files: dict[str, bytes], forms: list[tuple[str, bytes]]) -> None:
+    for what, value in forms:
+        holding = [name for name, content in files.items() if value in content]
+        assert holding == [], f"the {what} is in {holding}"
+
+
 def test_the_database_holds_no_token(tmp_path: Path, procs_to_stop: list[Proc]) -> None:
     env = env_for(tmp_path, AUTH="keys")
     server = start_server(env, tmp_path / "api.log")
     procs_to_stop.append(server)
-    token = create_key(env, "keeper", "read,upload,delete")
-    res = upload(server.url, seeded_jpeg(42), bearer(token))
+    tokens = {
+        "keeper": create_key(env, "keeper", "read,upload,delete"),
+        "boss": create_key(env, "boss", "admin"),
+    }
+    res = upload(server.url, seeded_jpeg(42), bearer(tokens["keeper"]))
     assert res.status_code == 201, res.text
     delete_token = res.json()["delete_token"]
     assert isinstance(delete_token, str) and len(delete_token) >= 32
-    assert server.stop() == 0, server.output()[-3000:]
-
+    res = httpx.get(server.url + "/api/stats", headers=bearer(tokens["boss"]), timeout=10)
+    assert res.status_code == 200, res.text
+    forms = secrets_of(tokens, delete_token)
+    hashes = [
+        hashlib.sha256(t.encode()).hexdigest().encode() for t in (*tokens.values(), delete_token)
+    ]
     db = Path(env["DB_PATH"])
-    files = [p for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()]
-    content = b"".join(p.read_bytes() for p in files)
-    assert len(content) > 0
-    secret = token.split("_", 2)[2]  # imgapi_<key id>_<secret>: the secret may hold "_" too
-    for what, value in (
-        ("API token", token.encode()),
-        ("API token's secret", secret.encode()),
-        ("API token's secret, decoded", urlsafe_raw(secret)),
-        ("delete token", delete_token.encode()),
-        ("delete token, decoded", urlsafe_raw(delete_token)),
-    ):
-        assert value not in content, f"the {what} is in {[p.name for p in files]}"
-    # The scan reads the right file: the hashes are there.
-    assert hashlib.sha256(token.encode()).hexdigest().encode() in content
-    assert hashlib.sha256(delete_token.encode()).hexdigest().encode() in content
+
+    # While the server runs, with the WAL in use: the uses of both keys written back (last used,
+    # once per cache reload) are recent writes too.
+    procs.wait_until(
+        lambda: all(row[0] for row in procs.db_rows(db, "SELECT last_used_at FROM api_keys")),
+        10,
+        "both keys' last use written",
+    )
+    live = database_files(db)
+    assert set(live) == {db.name, f"{db.name}-wal", f"{db.name}-shm"}, sorted(live)
+    assert live[f"{db.name}-wal"], "the WAL is empty while the server runs"
+    assert_no_secret_in(live, forms)
+    # The scan reads the right files: the hashes are there.
+    content = b"".join(live.values())
+    for digest in hashes:
+        assert digest in content
+
+    # And after a clean stop (the WAL checkpointed into the file and removed).
+    assert server.stop() == 0, server.output()[-3000:]
+    stopped = database_files(db)
+    assert db.name in stopped and len(stopped[db.name]) > 0
+    assert_no_secret_in(stopped, forms)
+    content = b"".join(stopped.values())
+    for digest in hashes:
+        assert digest in content
     # Nor does the service's log hold either.
     log = server.output()
-    assert token not in log and delete_token not in log
+    for what, value in forms:
+        if value.isascii():  # the decoded forms are binary: no log line holds them as such
+            assert value.decode() not in log, f"the {what} is in the log"
