@@ -17,7 +17,6 @@ from sanic_testing.testing import SanicASGITestClient
 
 from imgapi_core import app as imgapi_app
 from imgapi_core import settings as settings_mod
-from imgapi_core.media import thumbnail_key
 
 # The scale-out servers (a private PostgreSQL cluster, moto's S3), and the store backends and the
 # fixtures that open them (make_store, store), for the contract tests.
@@ -91,8 +90,9 @@ TEST_ENV = {
 # The engines the API tests run on: the default (SQLite + a local folder) and the scale-out one
 # (PostgreSQL + S3, on the session's private servers, tests/services.py). Every test of tests/api
 # (and of other modules marked `both_engines`) that builds the app through make_settings runs on
-# both, but for those marked `local_engines`: they look at the SQLite file or the media folder
-# themselves.
+# both, but for those marked `local_engines("why")`: what they test exists only there (a media
+# folder moved, a file system that fills up, SQLite's own locking). Tests look at stored data
+# through db_query and media_view, which read either engine.
 ENGINES = ("sqlite+local", "postgresql+s3")
 
 
@@ -102,7 +102,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     both = metafunc.definition.path.parent.name == "api" or (
         metafunc.definition.get_closest_marker("both_engines") is not None
     )
-    local_only = metafunc.definition.get_closest_marker("local_engines") is not None
+    local = metafunc.definition.get_closest_marker("local_engines")
+    if local is not None and not (local.args and isinstance(local.args[0], str)):
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: local_engines needs its reason")
+    local_only = local is not None
     chosen = ENGINES if both and not local_only else ENGINES[:1]
     metafunc.parametrize("engines", chosen, indirect=True)
 
@@ -196,18 +199,3 @@ async def wait_for(predicate: Callable[[], object], within: float = 20.0) -> Non
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"condition not met within {within}s")
         await asyncio.sleep(0.05)
-
-
-# -- where the local media store keeps things (tests that look at the files themselves) --------
-
-
-def originals_dir(cfg: settings_mod.Settings) -> Path:
-    return Path(cfg.media_dir) / "originals"
-
-
-def thumbnails_dir(cfg: settings_mod.Settings) -> Path:
-    return Path(cfg.media_dir) / "thumbnails"
-
-
-def thumbnail_file(cfg: settings_mod.Settings, size: str, sha256: str) -> Path:
-    return Path(cfg.media_dir) / thumbnail_key(size, sha256)

@@ -226,13 +226,33 @@ def test_signer_rounds_expiry_up_and_verifies():
     assert later.verify("/p", str(exp), query["sig"][0]) == EXPIRED
 
 
-@pytest.mark.local_engines
-async def test_url_secret_setting_signs_the_same_in_every_process(make_settings):
+def another_database(
+    request: pytest.FixtureRequest, cfg: settings_mod.Settings
+) -> settings_mod.Settings:
+    """The same settings on a database of its own (empty), on the same engine."""
+    if not cfg.database_url:
+        return cfg.replace(db_path=cfg.db_path + ".other")
+    server = request.getfixturevalue("postgres_server")
+    name = urlsplit(cfg.database_url).path.strip("/") + "_other"
+    other = cfg.replace(database_url=server.create_database(name))
+    assert other.database_url != cfg.database_url
+    return other
+
+
+async def test_url_secret_setting_signs_the_same_in_every_process(
+    make_settings, request: pytest.FixtureRequest
+):
     cfg = make_settings(AUTH="keys", URL_SECRET="shared-secret")
     async with running_app(cfg) as first:
         query = first.ctx.guard.signer.query("/api/images/x/original")
-    async with running_app(cfg.replace(db_path=cfg.db_path + ".other")) as second:
+    other = another_database(request, cfg)
+    async with running_app(other) as second:
         assert second.ctx.guard.signer.query("/api/images/x/original") == query
+    # Without the setting each database keeps a secret of its own: the two really are apart.
+    async with running_app(cfg.replace(url_secret="")) as first:
+        own = first.ctx.guard.signer.query("/api/images/x/original")
+    async with running_app(other.replace(url_secret="")) as second:
+        assert second.ctx.guard.signer.query("/api/images/x/original") != own
 
 
 # -- delete tokens --------------------------------------------------------------------------------

@@ -4,14 +4,15 @@ recorded."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import re
-import sqlite3
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import db_query
+import media_view
 import pytest
-from conftest import manifest, multipart, originals_dir
+from conftest import manifest, multipart
 from PIL import Image
 
 from imgapi_core import formats
@@ -48,20 +49,27 @@ def expected_image(row: dict[str, str]) -> tuple[str, int, int] | None:
 
 
 def server_paths(cfg: settings_mod.Settings) -> set[str]:
+    """Where the server keeps its data, which no answer may show: the folders and, on
+    PostgreSQL + S3, the database's URL, address and name, the bucket and the S3 endpoint."""
     media = Path(cfg.media_dir).resolve()
-    return {str(media.parent), str(media), cfg.db_path}
+    found = {str(media.parent), str(media), cfg.db_path}
+    if cfg.database_url:
+        db = urlsplit(cfg.database_url)
+        found |= {cfg.database_url, f"{db.hostname}:{db.port}", db.path.strip("/")}
+    if cfg.storage_url:
+        bucket = urlsplit(cfg.storage_url)
+        found |= {cfg.storage_url, bucket.netloc, f"{bucket.netloc}{bucket.path}"}
+    if cfg.s3_endpoint_url:
+        found |= {cfg.s3_endpoint_url, urlsplit(cfg.s3_endpoint_url).netloc}
+    return {path for path in found if path}
 
 
-def image_rows(cfg: settings_mod.Settings) -> dict[str, str | None]:
-    with contextlib.closing(sqlite3.connect(cfg.db_path)) as conn:
-        return dict(conn.execute("SELECT image_id, error FROM images").fetchall())
+def image_rows(cfg: settings_mod.Settings) -> dict[str, tuple[str | None, str | None]]:
+    """image_id: (error, image_path) of every images row."""
+    rows = db_query.fetch(cfg, "SELECT image_id, error, image_path FROM images")
+    return {row[0]: (row[1], row[2]) for row in rows}
 
 
-def files_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
-
-
-@pytest.mark.local_engines
 async def test_every_photo_uploads_with_its_true_size_and_format(client, cfg, photos):
     rows = manifest("photos")
     assert len(rows) >= 20
@@ -87,8 +95,12 @@ async def test_every_photo_uploads_with_its_true_size_and_format(client, cfg, ph
     assert not problems, "\n".join(problems)
     _, res = await client.get("/api/stats")
     assert (res.json["total"], res.json["failed"]) == (len(rows), 0)
-    assert len(files_in(originals_dir(cfg))) == len(rows)
-    assert files_in(cfg.tmp_dir) == []
+    # One stored original per upload, under the key its record holds; nothing left behind.
+    recorded = image_rows(cfg)
+    assert len(recorded) == len(rows)
+    assert all(error is None for error, _ in recorded.values())
+    assert media_view.keys(cfg, "originals/") == sorted(key for _, key in recorded.values())
+    assert media_view.leftovers(cfg) == []
 
 
 async def check_hostile(client, cfg, row: dict[str, str], data: bytes) -> tuple[str, list[str]]:
@@ -165,7 +177,6 @@ async def check_stored(client, name: str, image_id: str, data: bytes) -> list[st
     return problems
 
 
-@pytest.mark.local_engines
 async def test_every_hostile_file_is_refused_clearly_or_accepted_cleanly(client, cfg, hostile):
     rows = manifest("hostile")
     assert len(rows) >= 40
@@ -182,10 +193,14 @@ async def test_every_hostile_file_is_refused_clearly_or_accepted_cleanly(client,
     # Every upload is recorded: one images row each, with the error when refused.
     recorded = image_rows(cfg)
     assert set(recorded) == set(outcomes), set(outcomes) ^ set(recorded)
-    accepted = {i for i, error in recorded.items() if error is None}
-    assert len(files_in(originals_dir(cfg))) == len(accepted)
-    assert {p.stem for p in files_in(originals_dir(cfg))} == accepted
-    assert files_in(cfg.tmp_dir) == []
+    accepted = {i for i, (error, _) in recorded.items() if error is None}
+    # An original for each accepted upload, under the key its record holds, and none for a
+    # refused one; no temp file, no open S3 multipart upload left behind.
+    stored = media_view.keys(cfg, "originals/")
+    assert stored == sorted(recorded[i][1] for i in accepted)
+    assert {Path(key).stem for key in stored} == accepted
+    assert all(key is None for error, key in recorded.values() if error is not None)
+    assert media_view.leftovers(cfg) == []
     _, res = await client.get("/api/stats")
     assert res.json["total"] == len(rows)
     assert res.json["failed"] == len(rows) - len(accepted)

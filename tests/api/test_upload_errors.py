@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import db_query
+import media_view
 import pytest
-from conftest import originals_dir
 from PIL import Image
 from sanic import Sanic
 
@@ -51,10 +52,6 @@ def db_rows(cfg: settings_mod.Settings, sql: str, *params: Any) -> list[tuple]:
     return [tuple(row) for row in db_query.fetch(cfg, sql, params)]
 
 
-def files_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
-
-
 def assert_error_shape(res, status: int) -> dict:
     assert res.status == status, res.text
     assert res.headers["content-type"] == "application/json"
@@ -67,7 +64,8 @@ def assert_error_shape(res, status: int) -> dict:
 
 def assert_recorded(cfg: settings_mod.Settings, body: dict, original_name: str) -> None:
     """The failed upload's answer carries its record, and the database holds it: images row with
-    the error, stats row with status 0; no temp file, no original left."""
+    the error, stats row with status 0; nothing stored (no original, no thumbnail) and nothing
+    left behind (no temp file, no open S3 multipart upload)."""
     data = body["data"]
     assert data["original_name"] == original_name
     assert data["metadata"] == {} and data["thumbnails"] == {}
@@ -81,8 +79,8 @@ def assert_recorded(cfg: settings_mod.Settings, body: dict, original_name: str) 
         cfg, "SELECT status, end_time IS NOT NULL FROM stats WHERE image_id = ?", data["image_id"]
     )
     assert stats == [(0, 1)]
-    assert files_in(cfg.tmp_dir) == []
-    assert files_in(originals_dir(cfg)) == []
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []
 
 
 async def post(client, body: bytes | AsyncIterator[bytes], **headers: str):
@@ -206,7 +204,9 @@ async def test_refused_name_or_type_answers_before_the_body_is_read(
 
 def fail_with(monkeypatch: pytest.MonkeyPatch, where: str, media: Path, err: int) -> None:
     """OSError(err) from one OS call on files under MEDIA_DIR, as a full disk there gives; the
-    same calls on other files (the database, the event loop's) are left alone."""
+    same calls on other files (the database, the event loop's) are left alone. "write" is the
+    upload's temp file under MEDIA_DIR/tmp, which every engine pair writes as the body arrives;
+    the others are the local media store's own steps in putting an original under originals/."""
 
     def in_media(target: int | str | os.PathLike) -> bool:
         path = os.readlink(f"/proc/self/fd/{target}") if isinstance(target, int) else target
@@ -231,11 +231,7 @@ def fail_with(monkeypatch: pytest.MonkeyPatch, where: str, media: Path, err: int
     monkeypatch.setattr(os, name, patched)
 
 
-@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
-@pytest.mark.parametrize("where", ["write", "fsync", "rename", "directory fsync"])
-@pytest.mark.local_engines
-async def test_full_disk_is_507_and_recorded(client, cfg, monkeypatch, where, err):
-    """A full disk under MEDIA_DIR was a 500 "internal server error", and not recorded."""
+async def full_disk_is_507_and_recorded(client, cfg, monkeypatch, where: str, err: int) -> None:
     fail_with(monkeypatch, where, Path(cfg.media_dir).resolve(), err)
     res = await post(client, form(b'; filename="full.jpg"', jpeg_bytes()))
     body = assert_error_shape(res, 507)
@@ -246,7 +242,35 @@ async def test_full_disk_is_507_and_recorded(client, cfg, monkeypatch, where, er
     assert res.status == 201, res.text
 
 
-@pytest.mark.local_engines
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+async def test_full_disk_under_the_upload_temp_folder_is_507_and_recorded(
+    client, cfg, monkeypatch, err
+):
+    """A full disk under MEDIA_DIR was a 500 "internal server error", and not recorded. The
+    upload's temp folder (MEDIA_DIR/tmp) is on local disk whichever store keeps the originals."""
+    await full_disk_is_507_and_recorded(client, cfg, monkeypatch, "write", err)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+@pytest.mark.parametrize("where", ["fsync", "rename", "directory fsync"])
+@pytest.mark.local_engines(
+    "a full file system (ENOSPC, EDQUOT) under the media folder while an original is put under"
+    " originals/: S3 stores originals with no local file system to fill"
+)
+async def test_full_disk_is_507_and_recorded(client, cfg, monkeypatch, where, err):
+    """A full disk under MEDIA_DIR was a 500 "internal server error", and not recorded."""
+    await full_disk_is_507_and_recorded(client, cfg, monkeypatch, where, err)
+
+
+def database_full_error(cfg: settings_mod.Settings) -> Exception:
+    """What the engine's driver raises when the database's own disk is full."""
+    if cfg.database_url:
+        return asyncpg.exceptions.DiskFullError(
+            'could not extend file "base/16384/16385": No space left on device'
+        )
+    return sqlite3.OperationalError("database or disk is full")
+
+
 async def test_full_disk_is_507_even_when_the_record_cannot_be_written(
     app: Sanic, client, cfg, monkeypatch
 ):
@@ -254,24 +278,41 @@ async def test_full_disk_is_507_even_when_the_record_cannot_be_written(
     fail_with(monkeypatch, "write", Path(cfg.media_dir).resolve(), errno.ENOSPC)
 
     async def database_full(**kwargs: Any) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
+        raise database_full_error(cfg)
 
     monkeypatch.setattr(app.ctx.store, "record_failure", database_full)
     res = await post(client, form(b'; filename="full.jpg"', jpeg_bytes()))
     body = assert_error_shape(res, 507)
     assert body["error"] == NO_SPACE
-    assert files_in(cfg.tmp_dir) == []
+    assert db_rows(cfg, "SELECT count(*) FROM images") == [(0,)]
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []
 
 
-@pytest.mark.local_engines
-async def test_other_os_errors_are_not_reported_as_a_full_disk(client, cfg, monkeypatch):
-    """A failing disk (EIO) is the server's fault and stays a 500; only ENOSPC and EDQUOT are
-    the 507 "no space"."""
-    fail_with(monkeypatch, "fsync", Path(cfg.media_dir).resolve(), errno.EIO)
+async def other_os_errors_are_not_a_full_disk(client, cfg, monkeypatch, where: str) -> None:
+    fail_with(monkeypatch, where, Path(cfg.media_dir).resolve(), errno.EIO)
     res = await post(client, form(b'; filename="eio.jpg"', jpeg_bytes()))
     body = assert_error_shape(res, 500)
     assert body["error"] == "internal server error"
-    assert files_in(cfg.tmp_dir) == []
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []
+
+
+async def test_other_os_errors_are_not_reported_as_a_full_disk(client, cfg, monkeypatch):
+    """A failing disk (EIO) is the server's fault and stays a 500; only ENOSPC and EDQUOT are
+    the 507 "no space". Here the upload's temp file, on local disk with either store."""
+    await other_os_errors_are_not_a_full_disk(client, cfg, monkeypatch, "write")
+
+
+@pytest.mark.local_engines(
+    "EIO from the media folder's file system while an original is put under originals/:"
+    " S3 stores originals with no local file system to fail"
+)
+async def test_other_os_errors_of_the_media_folder_are_not_reported_as_a_full_disk(
+    client, cfg, monkeypatch
+):
+    """A failing disk (EIO) under the media folder is the server's fault and stays a 500."""
+    await other_os_errors_are_not_a_full_disk(client, cfg, monkeypatch, "fsync")
 
 
 # -- interrupted uploads: by the client or by a shutdown -----------------------------------------
@@ -299,7 +340,8 @@ async def interrupted_upload(app: Sanic, cfg, *, shutdown: bool) -> str:
     rows = db_rows(cfg, "SELECT original_name, error FROM images")
     assert len(rows) == 1 and rows[0][0] == "half.jpg", rows
     assert db_rows(cfg, "SELECT status FROM stats") == [(0,)]
-    assert files_in(cfg.tmp_dir) == []
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []
     return rows[0][1]
 
 
@@ -314,7 +356,6 @@ async def test_upload_cut_by_its_client_is_recorded_as_such(app: Sanic, cfg):
     assert error == "upload interrupted: the client closed the connection"
 
 
-@pytest.mark.local_engines
 async def test_drain_lets_cancelled_uploads_record_before_the_store_closes(app: Sanic, cfg):
     """On shutdown Sanic cancels the uploads still running, then runs after_server_stop, which
     closes the store: a record written after the cancellation was refused by the closed store
@@ -338,11 +379,14 @@ async def test_drain_lets_cancelled_uploads_record_before_the_store_closes(app: 
     assert db_rows(cfg, "SELECT original_name, error FROM images") == [
         ("late.jpg", "upload interrupted: the server was shutting down")
     ]
-    assert files_in(cfg.tmp_dir) == []
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []
 
 
 @pytest.mark.parametrize("step", ["stage_file", "record_success"])
-@pytest.mark.local_engines
+# No job runner: a thumbnail job on S3 downloads the original to a temp file of its own, which
+# would be taken for one the upload left behind.
+@pytest.mark.parametrize("cfg", [{"WORKER": "off"}], indirect=True, ids=["WORKER=off"])
 async def test_a_client_leaving_while_its_upload_is_stored_and_recorded(
     app: Sanic, cfg, monkeypatch: pytest.MonkeyPatch, step: str
 ):
@@ -375,6 +419,7 @@ async def test_a_client_leaving_while_its_upload_is_stored_and_recorded(
     assert len(rows) == 1, rows
     image_id, name, error, key = rows[0]
     assert (name, error) == ("kept.jpg", None)
-    assert files_in(originals_dir(cfg)) == [Path(cfg.media_dir) / key]
-    assert files_in(cfg.tmp_dir) == []
+    assert media_view.keys(cfg, "originals/") == [key]
+    assert media_view.read(cfg, key) == jpeg_bytes()
+    assert media_view.leftovers(cfg) == []
     assert db_rows(cfg, "SELECT status FROM stats WHERE image_id = ?", image_id) == [(1,)]
