@@ -79,3 +79,46 @@ def make_samples(folder: Path) -> dict[str, Path]:
 def top_left_is_red(thumb: Image.Image) -> bool:
     pixel = thumb.convert("RGB").getpixel((thumb.width // 10, thumb.height // 10))
     return pixel[0] > 150 and pixel[1] < 100 and pixel[2] < 100
+
+
+# -- bombs: small files that declare (or hold) far more pixels than they seem to ---------------
+
+
+def huge_tiff() -> bytes:
+    """A TIFF whose header declares 100000 x 100000 8-bit grey pixels and holds 10 bytes."""
+    side = 100_000
+    entries = [  # (tag, type, value): type 3 SHORT, 4 LONG
+        (256, 4, side),  # ImageWidth
+        (257, 4, side),  # ImageLength
+        (258, 3, 8),  # BitsPerSample
+        (259, 3, 1),  # no compression
+        (262, 3, 1),  # BlackIsZero
+        (273, 4, 8 + 2 + 9 * 12 + 4),  # StripOffsets: right after the IFD
+        (277, 3, 1),  # SamplesPerPixel
+        (278, 4, side),  # RowsPerStrip
+        (279, 4, 10),  # StripByteCounts
+    ]
+    ifd = len(entries).to_bytes(2, "little")
+    for tag, kind, value in entries:
+        ifd += tag.to_bytes(2, "little") + kind.to_bytes(2, "little") + (1).to_bytes(4, "little")
+        ifd += value.to_bytes(4, "little")
+    return b"II*\x00" + (8).to_bytes(4, "little") + ifd + b"\0\0\0\0" + b"\x80" * 10
+
+
+def huge_heic(samples: dict[str, Path]) -> bytes:
+    """A small HEIC whose `ispe` box (the image's declared size) says 100000 x 100000."""
+    data = bytearray(samples["heic"].read_bytes())
+    at = data.index(b"ispe")
+    data[at + 8 : at + 16] = (100_000).to_bytes(4, "big") * 2
+    return bytes(data)
+
+
+def two_sized_heic() -> bytes:
+    """A HEIC of two images: 64x64 first (the primary), then 640x480."""
+    import pillow_heif
+
+    heif = pillow_heif.from_pillow(Image.new("RGB", (64, 64), "red"))
+    heif.add_from_pillow(Image.new("RGB", (640, 480), "blue"))
+    buffer = io.BytesIO()
+    heif.save(buffer, quality=50)
+    return buffer.getvalue()

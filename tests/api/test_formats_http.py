@@ -11,7 +11,15 @@ from pathlib import Path
 import media_view
 import pytest
 from conftest import multipart, running_app, wait_for
-from format_samples import SHOWN, STILLS, make_samples, top_left_is_red
+from format_samples import (
+    SHOWN,
+    STILLS,
+    huge_heic,
+    huge_tiff,
+    make_samples,
+    top_left_is_red,
+    two_sized_heic,
+)
 from PIL import Image
 from sanic_testing.testing import SanicASGITestClient
 
@@ -169,3 +177,33 @@ async def test_a_broken_file_of_each_format_is_recorded_and_leaves_nothing(
     assert again.status == 200 and again.json["error"] == res.json["error"]  # recorded
     assert media_view.keys(cfg) == []  # no original, no thumbnail
     assert media_view.leftovers(cfg) == []  # no temp file, no open S3 multipart upload
+
+
+BOMBS = {
+    # name: (file name, bytes maker, MAX_PIXELS)
+    "gif-frames-sum": ("frames.gif", lambda s: s["animated-gif"].read_bytes(), 150 * 225 * 3),
+    "tiff-declared-huge": ("scan.tif", lambda s: huge_tiff(), 50_000_000),
+    "heic-declared-huge": ("phone.heic", huge_heic, 50_000_000),
+    "heic-large-second-image": ("two.heic", lambda s: two_sized_heic(), 100_000),
+}
+
+
+@pytest.mark.parametrize("bomb", list(BOMBS))
+async def test_a_bomb_of_each_kind_is_refused_recorded_and_leaves_nothing(
+    make_settings, samples, bomb
+):
+    """Files that hold or declare more pixels than MAX_PIXELS: the frames of an animation summed,
+    a header's declared size, a HEIF's second image. A clear 4xx, recorded like any refusal."""
+    name, make, max_pixels = BOMBS[bomb]
+    cfg = make_settings(MAX_PIXELS=str(max_pixels))
+    async with running_app(cfg) as app:
+        client = SanicASGITestClient(app)
+        _, res = await client.post("/api/images", files=multipart(make(samples), name))
+        assert res.status in (400, 413), res.text
+        assert res.json["status"] == "failed" and "pixels" in res.json["error"], res.text
+        _, again = await client.get(f"/api/images/{res.json['data']['image_id']}")
+        assert again.status == 200 and again.json["error"] == res.json["error"]  # recorded
+        _, stats = await client.get("/api/stats")
+        assert stats.json["failed"] == 1
+    assert media_view.keys(cfg) == []
+    assert media_view.leftovers(cfg) == []

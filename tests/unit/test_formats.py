@@ -8,9 +8,17 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
-import pillow_heif
 import pytest
-from format_samples import MAKE, SHOWN, STILLS, make_samples, top_left_is_red
+from format_samples import (
+    MAKE,
+    SHOWN,
+    STILLS,
+    huge_heic,
+    huge_tiff,
+    make_samples,
+    top_left_is_red,
+    two_sized_heic,
+)
 from PIL import Image
 
 from imgapi_core import app, formats, imaging, settings
@@ -90,10 +98,8 @@ def test_pixels_are_capped_over_all_frames_and_frames_by_count(samples, name):
 def test_every_image_of_a_heif_file_counts_at_its_own_size(tmp_path):
     """A HEIF file may hold images of different sizes: a small first one must not let a large
     second one past the cap (nor into a full-size decode)."""
-    heif = pillow_heif.from_pillow(Image.new("RGB", (64, 64), "red"))
-    heif.add_from_pillow(Image.new("RGB", (640, 480), "blue"))
     path = tmp_path / "two.heic"
-    heif.save(path, quality=50)
+    path.write_bytes(two_sized_heic())
     total = 64 * 64 + 640 * 480
     info = imaging.validate_image(path, total)  # exactly at the cap: fine
     assert (info.format, info.frames, info.width, info.height) == ("heic", 2, 64, 64)
@@ -111,35 +117,6 @@ def test_truncated_files_of_every_format_are_a_clear_4xx(samples, tmp_path, name
     with pytest.raises(ClientError) as caught:
         imaging.validate_image(cut, 50_000_000)
     assert caught.value.status in (400, 413, 415), caught.value.message
-
-
-def huge_tiff() -> bytes:
-    """A TIFF whose header declares 100000 x 100000 8-bit grey pixels and holds 10 bytes."""
-    side = 100_000
-    entries = [  # (tag, type, value): type 3 SHORT, 4 LONG
-        (256, 4, side),  # ImageWidth
-        (257, 4, side),  # ImageLength
-        (258, 3, 8),  # BitsPerSample
-        (259, 3, 1),  # no compression
-        (262, 3, 1),  # BlackIsZero
-        (273, 4, 8 + 2 + 9 * 12 + 4),  # StripOffsets: right after the IFD
-        (277, 3, 1),  # SamplesPerPixel
-        (278, 4, side),  # RowsPerStrip
-        (279, 4, 10),  # StripByteCounts
-    ]
-    ifd = len(entries).to_bytes(2, "little")
-    for tag, kind, value in entries:
-        ifd += tag.to_bytes(2, "little") + kind.to_bytes(2, "little") + (1).to_bytes(4, "little")
-        ifd += value.to_bytes(4, "little")
-    return b"II*\x00" + (8).to_bytes(4, "little") + ifd + b"\0\0\0\0" + b"\x80" * 10
-
-
-def huge_heic(samples: dict[str, Path]) -> bytes:
-    """A small HEIC whose `ispe` box (the image's declared size) says 100000 x 100000."""
-    data = bytearray(samples["heic"].read_bytes())
-    at = data.index(b"ispe")
-    data[at + 8 : at + 16] = (100_000).to_bytes(4, "big") * 2
-    return bytes(data)
 
 
 @pytest.mark.parametrize("make", [lambda s: huge_tiff(), huge_heic], ids=["tiff", "heic"])
