@@ -117,7 +117,7 @@ def engines(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
         return {}
     s3 = request.getfixturevalue("s3_server")
     return {
-        "DATABASE_URL": request.getfixturevalue("postgres_url"),
+        "DATABASE_URL": request.getfixturevalue("migrated_postgres_url"),
         **s3.settings(request.getfixturevalue("s3_bucket")),
     }
 

@@ -10,6 +10,8 @@ named after its tmp_path, so two stores opened for one test share it (two proces
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -73,11 +75,12 @@ class PostgresServer:
             raise RuntimeError(f"psql failed: {done.stderr}")
         return done.stdout
 
-    def create_database(self, name: str) -> str:
-        """Creates it unless it exists; its URL."""
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """Creates it (empty, or a copy of `template`) unless it exists; its URL."""
         exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'")
         if not exists.strip():
-            self.psql(f'CREATE DATABASE "{name}"')
+            copy = f' TEMPLATE "{template}"' if template else ""
+            self.psql(f'CREATE DATABASE "{name}"{copy}')
         return self.url(name)
 
     def pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -148,8 +151,37 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture
 def postgres_url(postgres_server: PostgresServer, tmp_path: Path) -> str:
-    """A database of this test's own."""
+    """An empty database of this test's own."""
     return postgres_server.create_database(name_for(tmp_path, "t"))
+
+
+@pytest.fixture(scope="session")
+def migrated_template(postgres_server: PostgresServer) -> str:
+    """The name of a database with every migration applied. The app tests' databases are copies
+    of it (CREATE DATABASE ... TEMPLATE), which takes a third of the time of migrating each one;
+    the store's own tests of its migrations start from empty databases (postgres_url)."""
+    from imgapi_core import settings
+    from imgapi_core.store import open_store
+
+    name = "imgapi_migrated"
+
+    async def migrate() -> None:
+        env = {"DATABASE_URL": postgres_server.create_database(name), "DB_PATH": "unused.db"}
+        store = await open_store(settings.load(env=env, dotenv=None))
+        await store.close()
+
+    # The test's own event loop may be running: the migration gets a loop of its own.
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, migrate()).result(timeout=120)
+    return name
+
+
+@pytest.fixture
+def migrated_postgres_url(
+    postgres_server: PostgresServer, migrated_template: str, tmp_path: Path
+) -> str:
+    """A database of this test's own, with the schema of today's migrations in place."""
+    return postgres_server.create_database(name_for(tmp_path, "t"), template=migrated_template)
 
 
 # -- S3 (moto's standalone server) ---------------------------------------------------------------
