@@ -126,7 +126,11 @@ api.onAuthRequired((message) => {
   api.setKey(null);
   events.stop();
   started = false;
-  keyError.textContent = hadKey || keyDialog.open ? message : "";
+  // Only a refused key has a reason worth showing. A request sent without one while the prompt
+  // is up (a click, the stream) would replace why the last key was refused with "a key is
+  // required".
+  if (hadKey) keyError.textContent = message;
+  else if (!keyDialog.open) keyError.textContent = "";
   if (!keyDialog.open) {
     if (detail.openId !== null) detail.close();
     keyDialog.showModal();
