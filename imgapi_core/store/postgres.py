@@ -105,6 +105,30 @@ def _unavailable(exc: BaseException) -> bool:
     return type(exc) is asyncpg.InterfaceError and "clos" in str(exc)
 
 
+def _left_in_transaction(exc: BaseException, begun: bool) -> bool:
+    """BEGIN refused because the connection is inside a transaction already: one that a caller
+    left open and the pool handed back (by the server's word, or by asyncpg's)."""
+    if begun:
+        return False
+    if isinstance(exc, pgerr.ActiveSQLTransactionError):
+        return True
+    return type(exc) is asyncpg.InterfaceError and "manually started transaction" in str(exc)
+
+
+def _drop_if_left_in_transaction(conn: asyncpg.Connection, exc: Exception, begun: bool) -> None:
+    """Closes a pooled connection whose BEGIN found a transaction already open: whatever it
+    holds is nobody's to commit, and the pool must not hand it out again (it makes a new one).
+    Nothing of the caller's ran on it, so the caller tries again on another."""
+    if _left_in_transaction(exc, begun):
+        log.warning(
+            "a pooled PostgreSQL connection was inside a transaction it should not be in;"
+            " closed: %s: %s",
+            type(exc).__name__,
+            exc,
+        )
+        conn.terminate()
+
+
 def _translated(exc: BaseException) -> Exception | None:
     """The store's own error for a driver error, or None when it goes up as it is."""
     if _unavailable(exc):
@@ -377,14 +401,20 @@ class PostgresStore:
         server could not be reached: a pooled connection may have died with the last server."""
         pool = self._open_pool()
         for attempt in (1, 2):
+            begun = False
             try:
                 async with pool.acquire() as conn:
                     if not snapshot:
                         return await fn(conn)
-                    async with conn.transaction(isolation="repeatable_read", readonly=True):
-                        return await fn(conn)
+                    try:
+                        async with conn.transaction(isolation="repeatable_read", readonly=True):
+                            begun = True
+                            return await fn(conn)
+                    except Exception as exc:
+                        _drop_if_left_in_transaction(conn, exc, begun)
+                        raise
             except Exception as exc:
-                if attempt == 1 and _unavailable(exc):
+                if attempt == 1 and (_unavailable(exc) or _left_in_transaction(exc, begun)):
                     continue
                 mapped = _translated(exc)
                 if mapped is None:
@@ -410,19 +440,27 @@ class PostgresStore:
             last_event = 0
             try:
                 async with pool.acquire() as conn:
-                    async with conn.transaction():
-                        begun = True
-                        tx = _Tx(conn)
-                        result = await fn(tx)
-                        last_event = await self._write_events(tx)
+                    # The level said outright: a BEGIN inside a transaction left open on this
+                    # connection is then an error, where a plain BEGIN would only warn and join it.
+                    try:
+                        async with conn.transaction(isolation="read_committed"):
+                            begun = True
+                            tx = _Tx(conn)
+                            result = await fn(tx)
+                            last_event = await self._write_events(tx)
+                    except Exception as exc:
+                        _drop_if_left_in_transaction(conn, exc, begun)
+                        raise
                     committed = True
             except Exception as exc:
                 if committed:
                     # Only handing the connection back failed; the pool drops it.
                     log.debug("connection dropped after a commit: %s: %s", type(exc).__name__, exc)
-                elif (attempt == 1 and not begun and _unavailable(exc)) or (
-                    attempt < WRITE_TRIES and isinstance(exc, _ROLLED_BACK)
-                ):
+                elif (
+                    attempt == 1
+                    and not begun
+                    and (_unavailable(exc) or _left_in_transaction(exc, begun))
+                ) or (attempt < WRITE_TRIES and isinstance(exc, _ROLLED_BACK)):
                     # Nothing reached the database (no connection, or BEGIN failed on a pooled
                     # connection that died with the last server): once more, on a new one. Or the
                     # server rolled it all back. Never for a connection lost after BEGIN: its

@@ -466,3 +466,41 @@ async def test_search_words_match_as_fts5_does(open_store: Opener, tmp_path: Pat
         assert answers[0]["p2.jpg"] == ["p2"] and answers[0]["CAFÉ"] == ["p2"]
     finally:
         await sqlite.close()
+
+
+@pytest.mark.parametrize("call", ["stats", "write"])
+async def test_a_connection_handed_back_inside_a_transaction_is_dropped_not_joined(
+    open_store: Opener, postgres_url: str, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """A transaction left open on a pooled connection (a caller cancelled at the wrong moment,
+    the pool's reset skipped) must never be joined: its work is nobody's to commit. The next
+    BEGIN on it fails, the connection is closed, and the call goes on on another."""
+    store = await open_store(min_connections=1, max_connections=1)
+    pool = store._pool
+    conn = await pool.acquire()
+    pid = conn.get_server_pid()
+    await conn.execute(
+        "BEGIN; INSERT INTO schema_version (version, applied_at) VALUES (-1, 'left open')"
+    )
+    with monkeypatch.context() as patched:
+        # The reset that would roll it back, skipped as a cancellation at the wrong point can.
+        patched.setattr(asyncpg.connection.Connection, "_reset", _no_reset)
+        await pool.release(conn)
+
+    if call == "stats":
+        assert (await store.stats()).total == 0
+    else:
+        await add_failure(store, "after")
+        assert (await store.stats()).failed == 1
+    async with pool.acquire() as again:
+        assert again.get_server_pid() != pid  # a new connection: the old one was closed
+    check = await asyncpg.connect(postgres_url)
+    try:
+        # What the abandoned transaction wrote was never committed by anyone.
+        assert await check.fetchval("SELECT count(*) FROM schema_version WHERE version = -1") == 0
+    finally:
+        await check.close()
+
+
+async def _no_reset(self: asyncpg.Connection) -> None:
+    return None
