@@ -229,14 +229,30 @@ def assert_success_record(
     assert caption["state"] == "skipped" and "CAPTION_MODEL" in caption["error"], caption
 
 
+def server_details(cfg: settings_mod.Settings) -> set[str]:
+    """Where the server keeps its data, which no answer may show: the folders and the database
+    file and, on PostgreSQL + S3, the database's URL, address and name, the bucket and the S3
+    endpoint."""
+    media = Path(cfg.media_dir).resolve()
+    found = {str(media.parent), str(media), cfg.media_dir, cfg.db_path}
+    if cfg.database_url:
+        db = urlsplit(cfg.database_url)
+        found |= {cfg.database_url, f"{db.hostname}:{db.port}", db.path.strip("/")}
+    if cfg.storage_url:
+        bucket = urlsplit(cfg.storage_url)
+        found |= {cfg.storage_url, bucket.netloc, f"{bucket.netloc}{bucket.path}"}
+    if cfg.s3_endpoint_url:
+        found |= {cfg.s3_endpoint_url, urlsplit(cfg.s3_endpoint_url).netloc}
+    return {detail for detail in found if detail}
+
+
 def assert_no_server_path(res, cfg: settings_mod.Settings) -> None:
-    root = str(Path(cfg.media_dir).resolve().parent)
-    secrets = {root, str(Path(cfg.media_dir).resolve()), cfg.media_dir, cfg.db_path}
+    """No server_details in the answer, body or headers."""
     texts = [res.content.decode("latin-1")]
     texts += [f"{k}: {v}" for k, v in res.headers.items()]
     for text in texts:
-        for secret in secrets:
-            assert secret not in text, f"server path {secret!r} in response: {text[:300]!r}"
+        for secret in server_details(cfg):
+            assert secret not in text, f"server detail {secret!r} in response: {text[:300]!r}"
         assert "/originals/" not in text and ".part" not in text, text[:300]
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import db_query
 import media_view
 import pytest
+from api_helpers import server_details
 from conftest import manifest, multipart
 from PIL import Image
 
@@ -46,22 +46,6 @@ def expected_image(row: dict[str, str]) -> tuple[str, int, int] | None:
     if match is None:
         return None
     return match["format"].lower(), int(match["width"]), int(match["height"])
-
-
-def server_paths(cfg: settings_mod.Settings) -> set[str]:
-    """Where the server keeps its data, which no answer may show: the folders and, on
-    PostgreSQL + S3, the database's URL, address and name, the bucket and the S3 endpoint."""
-    media = Path(cfg.media_dir).resolve()
-    found = {str(media.parent), str(media), cfg.db_path}
-    if cfg.database_url:
-        db = urlsplit(cfg.database_url)
-        found |= {cfg.database_url, f"{db.hostname}:{db.port}", db.path.strip("/")}
-    if cfg.storage_url:
-        bucket = urlsplit(cfg.storage_url)
-        found |= {cfg.storage_url, bucket.netloc, f"{bucket.netloc}{bucket.path}"}
-    if cfg.s3_endpoint_url:
-        found |= {cfg.s3_endpoint_url, urlsplit(cfg.s3_endpoint_url).netloc}
-    return {path for path in found if path}
 
 
 def image_rows(cfg: settings_mod.Settings) -> dict[str, tuple[str | None, str | None]]:
@@ -113,7 +97,7 @@ async def check_hostile(client, cfg, row: dict[str, str], data: bytes) -> tuple[
     text = res.content.decode("utf-8", "replace")
     if res.status >= 500:
         return "", [f"{name}: {res.status} server error: {text[:200]}"]
-    for secret in server_paths(cfg):
+    for secret in server_details(cfg):
         if secret in text:
             problems.append(f"{name}: server path in the answer: {text[:200]}")
     body = res.json
