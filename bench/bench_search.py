@@ -58,9 +58,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType, SimpleNamespace
-from typing import Any, Generic, TypeVar, cast
-from urllib.parse import parse_qsl, urlsplit
+from types import FrameType
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,10 +69,9 @@ import common
 common.repo_imports()
 
 import procs  # noqa: E402  (tests/procs.py: real API processes)
-from sanic.request import RequestParameters  # noqa: E402
+from store_helpers import list_request  # noqa: E402  (tests/store_helpers.py)
 
-from imgapi_core.routes import listing  # noqa: E402
-from imgapi_core.store import JOB_KINDS, ImageQuery, NewUpload  # noqa: E402
+from imgapi_core.store import JOB_KINDS, NewUpload  # noqa: E402
 from imgapi_core.store import sqlite as store_sqlite  # noqa: E402
 from imgapi_core.store.sqlite import SqliteStore  # noqa: E402
 
@@ -662,25 +661,14 @@ def queries(newest_taken: str) -> list[Query]:
     ]
 
 
-def image_query_of(path: str) -> tuple[ImageQuery, tuple[str, str] | None, int]:
-    """The ImageQuery, cursor and limit the server reads from this path (its own parser)."""
-    args = RequestParameters()
-    for key, value in parse_qsl(urlsplit(path).query, keep_blank_values=True):
-        args.setdefault(key, []).append(value)
-    query = listing.image_query(cast(Any, SimpleNamespace(args=args)))
-    cursor = args.get("cursor")
-    after = listing.decode_cursor(cursor, query) if cursor is not None else None
-    return query, after, int(args.get("limit", str(PAGE)))
-
-
 def server_sql(path: str) -> tuple[str, list[Any]]:
     """The statement search_with_jobs runs for this request (limit + 1: it looks one ahead)."""
-    query, after, limit = image_query_of(path)
+    query, after, limit = list_request(path, default_limit=PAGE)
     return store_sqlite._search_query(query, limit + 1, after)
 
 
 def match_count(conn: sqlite3.Connection, path: str) -> int:
-    query, _, _ = image_query_of(path)
+    query, _, _ = list_request(path, default_limit=PAGE)
     sql, params = store_sqlite._search_query(query, -1, None)  # LIMIT -1: no limit
     return conn.execute(f"SELECT count(*) FROM ({sql})", params).fetchone()[0]
 

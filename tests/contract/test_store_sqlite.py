@@ -10,13 +10,10 @@ import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any
 
 import pytest
-from sanic.request import RequestParameters
-from store_helpers import add_image
+from store_helpers import add_image, list_request
 
 from imgapi_core.routes import listing
 from imgapi_core.store import ImageQuery, NotWritable, now_iso
@@ -270,18 +267,6 @@ def captured_sql(monkeypatch) -> list[tuple[str, tuple]]:
 
     monkeypatch.setattr(sqlite_store, "_connect", connect)
     return seen
-
-
-def list_request(path: str) -> tuple[ImageQuery, tuple[str, str] | None, int]:
-    """What GET /api/images reads from this path, with the route's own parser: the query, the
-    position its cursor points at, and the page's size."""
-    args = RequestParameters()
-    for key, value in parse_qsl(urlsplit(path).query, keep_blank_values=True):
-        args.setdefault(key, []).append(value)
-    query = listing.image_query(cast(Any, SimpleNamespace(args=args)))
-    cursor = args.get("cursor")
-    after = listing.decode_cursor(cursor, query) if cursor is not None else None
-    return query, after, int(args.get("limit", "100"))
 
 
 async def test_the_list_route_reads_through_an_index(captured_sql, store, db_path):
