@@ -64,6 +64,7 @@ def _session() -> AioSession:
     tenth of a second to load for every client of a session of its own."""
     return get_session()
 
+
 T = TypeVar("T")
 
 MiB = 1024 * 1024
