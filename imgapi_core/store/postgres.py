@@ -98,11 +98,19 @@ _ROLLED_BACK: tuple[type[BaseException], ...] = (
 
 
 def _unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, _UNAVAILABLE) or _broken(exc):
         return True
     # asyncpg's InterfaceError itself (not its subclasses, which say a call was wrong) for a
     # connection or pool that is closed, or closing, under the call.
     return type(exc) is asyncpg.InterfaceError and "clos" in str(exc)
+
+
+def _broken(exc: BaseException) -> bool:
+    """asyncpg's protocol is in a state no call can leave: seen when the server ends a session
+    (a fast shutdown, pg_terminate_backend) and asyncpg has read the server's last error but not
+    yet the closed socket. The pool would hand the connection out again, failing every call on it
+    (MagicStack/asyncpg#1069); the call that meets it failed before sending anything."""
+    return isinstance(exc, asyncpg.InternalClientError)
 
 
 def _left_in_transaction(exc: BaseException, begun: bool) -> bool:
@@ -115,10 +123,17 @@ def _left_in_transaction(exc: BaseException, begun: bool) -> bool:
     return type(exc) is asyncpg.InterfaceError and "manually started transaction" in str(exc)
 
 
-def _drop_if_left_in_transaction(conn: asyncpg.Connection, exc: Exception, begun: bool) -> None:
-    """Closes a pooled connection whose BEGIN found a transaction already open: whatever it
-    holds is nobody's to commit, and the pool must not hand it out again (it makes a new one).
-    Nothing of the caller's ran on it, so the caller tries again on another."""
+def _dropped_unused(exc: BaseException, begun: bool) -> bool:
+    """The call failed on a pooled connection that _drop_if_unusable closed, before anything of
+    it reached the server: it may run again on another."""
+    return not begun and (_broken(exc) or _left_in_transaction(exc, begun))
+
+
+def _drop_if_unusable(conn: asyncpg.Connection, exc: Exception, begun: bool) -> None:
+    """Closes a pooled connection that must not be handed out again (the pool makes a new one):
+    one whose protocol is broken, or whose BEGIN found a transaction already open (whatever that
+    holds is nobody's to commit). Nothing of the caller's ran on it, so the caller tries again
+    on another."""
     if _left_in_transaction(exc, begun):
         log.warning(
             "a pooled PostgreSQL connection was inside a transaction it should not be in;"
@@ -126,7 +141,9 @@ def _drop_if_left_in_transaction(conn: asyncpg.Connection, exc: Exception, begun
             type(exc).__name__,
             exc,
         )
-        conn.terminate()
+    elif not _broken(exc):
+        return
+    conn.terminate()
 
 
 def _translated(exc: BaseException) -> Exception | None:
@@ -398,29 +415,34 @@ class PostgresStore:
     ) -> T:
         """fn(conn) on a pooled connection; with snapshot=True, every statement of it sees the
         same committed state (one REPEATABLE READ READ ONLY transaction). Tried again once when the
-        server could not be reached: a pooled connection may have died with the last server."""
+        server could not be reached (a pooled connection may have died with the last server), and
+        on another connection for each pooled one found unusable."""
         pool = self._open_pool()
-        for attempt in (1, 2):
+        retried = dropped = 0
+        while True:
             begun = False
             try:
                 async with pool.acquire() as conn:
-                    if not snapshot:
-                        return await fn(conn)
                     try:
+                        if not snapshot:
+                            return await fn(conn)
                         async with conn.transaction(isolation="repeatable_read", readonly=True):
                             begun = True
                             return await fn(conn)
                     except Exception as exc:
-                        _drop_if_left_in_transaction(conn, exc, begun)
+                        _drop_if_unusable(conn, exc, begun)
                         raise
             except Exception as exc:
-                if attempt == 1 and (_unavailable(exc) or _left_in_transaction(exc, begun)):
+                if _dropped_unused(exc, begun) and dropped < self.max_connections:
+                    dropped += 1
+                    continue
+                if _unavailable(exc) and not retried:
+                    retried = 1
                     continue
                 mapped = _translated(exc)
                 if mapped is None:
                     raise
                 raise mapped from exc
-        raise AssertionError("unreachable")
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await self._read(lambda conn: conn.fetch(sql, *args))
@@ -434,7 +456,9 @@ class PostgresStore:
         return await _settled(self._run_write(self._open_pool(), fn))
 
     async def _run_write(self, pool: asyncpg.Pool, fn: Callable[[_Tx], Awaitable[T]]) -> T:
-        for attempt in range(1, WRITE_TRIES + 1):
+        tries = retried = dropped = 0
+        while True:
+            tries += 1
             begun = committed = False
             result: Any = None
             last_event = 0
@@ -449,23 +473,25 @@ class PostgresStore:
                             result = await fn(tx)
                             last_event = await self._write_events(tx)
                     except Exception as exc:
-                        _drop_if_left_in_transaction(conn, exc, begun)
+                        _drop_if_unusable(conn, exc, begun)
                         raise
                     committed = True
             except Exception as exc:
                 if committed:
                     # Only handing the connection back failed; the pool drops it.
                     log.debug("connection dropped after a commit: %s: %s", type(exc).__name__, exc)
-                elif (
-                    attempt == 1
-                    and not begun
-                    and (_unavailable(exc) or _left_in_transaction(exc, begun))
-                ) or (attempt < WRITE_TRIES and isinstance(exc, _ROLLED_BACK)):
-                    # Nothing reached the database (no connection, or BEGIN failed on a pooled
-                    # connection that died with the last server): once more, on a new one. Or the
-                    # server rolled it all back. Never for a connection lost after BEGIN: its
-                    # COMMIT may have landed.
+                elif _dropped_unused(exc, begun) and dropped < self.max_connections:
+                    # BEGIN never left on a pooled connection now closed: on another.
+                    dropped += 1
                     continue
+                elif not begun and _unavailable(exc) and not retried:
+                    # Nothing reached the database (no connection, or BEGIN failed on a pooled
+                    # connection that died with the last server): once more, on a new one. Never
+                    # for a connection lost after BEGIN: its COMMIT may have landed.
+                    retried = 1
+                    continue
+                elif tries < WRITE_TRIES and isinstance(exc, _ROLLED_BACK):
+                    continue  # the server rolled it all back
                 else:
                     mapped = _translated(exc)
                     if mapped is None:
@@ -474,7 +500,6 @@ class PostgresStore:
             if last_event:
                 self._tell(last_event)
             return result
-        raise AssertionError("unreachable")
 
     # -- events -----------------------------------------------------------------------------
 

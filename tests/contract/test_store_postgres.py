@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -504,3 +505,50 @@ async def test_a_connection_handed_back_inside_a_transaction_is_dropped_not_join
 
 async def _no_reset(self: asyncpg.Connection) -> None:
     return None
+
+
+async def _sessions_ended_under(postgres_server: PostgresServer, pids: list[int]) -> None:
+    """Ends these sessions from the server's side, and leaves asyncpg between reading the server's
+    last error and reading the closed socket: both wait in each socket while the loop is blocked,
+    and each turn of the loop reads one of them. (Before the second read, asyncpg's protocol is
+    stuck in "another operation is in progress" for good.)"""
+    postgres_server.psql(f"SELECT pg_terminate_backend(pid) FROM unnest(ARRAY{pids}) AS pid")
+    # Blocking on purpose: the error and the FIN both arrive before the loop reads either.
+    time.sleep(0.3)  # noqa: ASYNC251
+    for _ in range(2):
+        await asyncio.sleep(0)
+
+
+async def test_sessions_ended_by_the_server_break_no_call(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """What a fast shutdown or pg_terminate_backend leaves on the pool's connections never gets
+    to a caller: a connection that asyncpg can no longer use is closed, and the call goes on on
+    another (it failed before anything of it was sent). Without that, the call failed and the
+    pool handed the same broken connection out again (MagicStack/asyncpg#1069)."""
+    raw = await asyncpg.connect(postgres_url)
+    await _sessions_ended_under(postgres_server, [raw.get_server_pid()])
+    with pytest.raises(asyncpg.InternalClientError):  # what the store has to deal with
+        await raw.execute("SELECT 1")
+    raw.terminate()
+
+    for call in ("stats", "write", "read"):
+        store = await PostgresStore(postgres_url, min_connections=2, max_connections=2).open()
+        try:
+            pool = store._pool
+            assert pool is not None
+            held = [await pool.acquire() for _ in range(2)]
+            pids = [conn.get_server_pid() for conn in held]
+            for conn in held:
+                await pool.release(conn)
+            await _sessions_ended_under(postgres_server, pids)
+            if call == "stats":
+                assert (await store.stats()).failed == 0
+            elif call == "write":
+                await add_failure(store, f"after-{call}")
+            else:
+                assert await store.get_record("none") is None
+            for _ in range(4):  # and no broken connection is left in the pool
+                await store.stats()
+        finally:
+            await store.close()
