@@ -113,11 +113,10 @@ def _broken(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InternalClientError)
 
 
-def _left_in_transaction(exc: BaseException, begun: bool) -> bool:
+def _left_in_transaction(exc: BaseException) -> bool:
     """BEGIN refused because the connection is inside a transaction already: one that a caller
-    left open and the pool handed back (by the server's word, or by asyncpg's)."""
-    if begun:
-        return False
+    left open and the pool handed back (by the server's word, or by asyncpg's). Only what our
+    BEGIN failed with means that: see `begun` at the callers."""
     if isinstance(exc, pgerr.ActiveSQLTransactionError):
         return True
     return type(exc) is asyncpg.InterfaceError and "manually started transaction" in str(exc)
@@ -126,7 +125,7 @@ def _left_in_transaction(exc: BaseException, begun: bool) -> bool:
 def _dropped_unused(exc: BaseException, begun: bool) -> bool:
     """The call failed on a pooled connection that _drop_if_unusable closed, before anything of
     it reached the server: it may run again on another."""
-    return not begun and (_broken(exc) or _left_in_transaction(exc, begun))
+    return not begun and (_broken(exc) or _left_in_transaction(exc))
 
 
 def _drop_if_unusable(conn: asyncpg.Connection, exc: Exception, begun: bool) -> None:
@@ -134,7 +133,7 @@ def _drop_if_unusable(conn: asyncpg.Connection, exc: Exception, begun: bool) -> 
     one whose protocol is broken, or whose BEGIN found a transaction already open (whatever that
     holds is nobody's to commit). Nothing of the caller's ran on it, so the caller tries again
     on another."""
-    if _left_in_transaction(exc, begun):
+    if not begun and _left_in_transaction(exc):
         log.warning(
             "a pooled PostgreSQL connection was inside a transaction it should not be in;"
             " closed: %s: %s",
@@ -418,7 +417,7 @@ class PostgresStore:
         server could not be reached (a pooled connection may have died with the last server), and
         on another connection for each pooled one found unusable."""
         pool = self._open_pool()
-        retried = dropped = 0
+        retried, dropped = False, 0
         while True:
             begun = False
             try:
@@ -437,7 +436,7 @@ class PostgresStore:
                     dropped += 1
                     continue
                 if _unavailable(exc) and not retried:
-                    retried = 1
+                    retried = True
                     continue
                 mapped = _translated(exc)
                 if mapped is None:
@@ -456,7 +455,8 @@ class PostgresStore:
         return await _settled(self._run_write(self._open_pool(), fn))
 
     async def _run_write(self, pool: asyncpg.Pool, fn: Callable[[_Tx], Awaitable[T]]) -> T:
-        tries = retried = dropped = 0
+        tries = dropped = 0
+        retried = False
         while True:
             tries += 1
             begun = committed = False
@@ -488,7 +488,7 @@ class PostgresStore:
                     # Nothing reached the database (no connection, or BEGIN failed on a pooled
                     # connection that died with the last server): once more, on a new one. Never
                     # for a connection lost after BEGIN: its COMMIT may have landed.
-                    retried = 1
+                    retried = True
                     continue
                 elif tries < WRITE_TRIES and isinstance(exc, _ROLLED_BACK):
                     continue  # the server rolled it all back
